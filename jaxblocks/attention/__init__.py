@@ -1,0 +1,6 @@
+"""Attention families. Importing this package registers every kind in ``ATTENTION``."""
+
+from jaxblocks.attention.base import ATTENTION, AttentionConfig, AttentionKind, get, register
+from jaxblocks.attention import softmax
+
+__all__ = ["ATTENTION", "AttentionConfig", "AttentionKind", "get", "register", "softmax"]

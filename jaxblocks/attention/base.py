@@ -1,0 +1,102 @@
+"""Attention configuration and the registry of attention kinds.
+
+An attention kind (``softmax``, and the linear family in later modules) provides
+
+* ``specs(d_model, cfg, init_std) -> tree of ParamSpec``,
+* ``apply(params, x_btd, cfg, ctx, cache) -> (y_btd, new_cache)`` (cache None when not decoding),
+* ``init_cache(batch, max_len, cfg, dtype) -> tree`` (decoding state: KV cache or recurrent state).
+
+The model picks a kind per layer from ``ModelConfig.attention_pattern``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+from jaxblocks.errors import ConfigError, check_choice, check_int, check_positive
+
+IMPLS = ("auto", "xla", "cudnn", "reference")
+QK_NORMS = ("none", "head", "full")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+  """Options shared by the attention kinds.
+
+  n_heads / n_kv_heads: query heads and key/value heads (GQA when fewer, MQA when 1).
+  head_dim: per-head width (None → d_model // n_heads).
+  bias / out_bias: biases on the q/k/v and on the output projection.
+  qk_norm: RMSNorm on queries and keys — per head (``head``), over all heads (``full``), or none.
+  rope / rope_theta / rotary_fraction: rotary embeddings (partial when fraction < 1).
+  sliding_window: attend to at most this many most recent keys (None = full causal).
+  softcap: tanh soft-capping of attention logits (Gemma 2).
+  scale: logit scale (None → head_dim ** -0.5).
+  impl: ``auto`` (cuDNN on GPU where supported, XLA otherwise), ``xla``, ``cudnn``, ``reference``.
+  """
+
+  n_heads: int = 4
+  n_kv_heads: int | None = None
+  head_dim: int | None = None
+  bias: bool = False
+  out_bias: bool = False
+  qk_norm: str = "none"
+  qk_norm_eps: float = 1e-6
+  rope: bool = True
+  rope_theta: float = 10000.0
+  rotary_fraction: float = 1.0
+  sliding_window: int | None = None
+  softcap: float | None = None
+  scale: float | None = None
+  impl: str = "auto"
+
+  def kv_heads(self) -> int:
+    return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+  def dim(self, d_model: int) -> int:
+    return d_model // self.n_heads if self.head_dim is None else self.head_dim
+
+  def validate(self, d_model: int, prefix: str = "attention") -> None:
+    check_int(f"{prefix}.n_heads", self.n_heads, minimum=1)
+    if self.n_kv_heads is not None:
+      check_int(f"{prefix}.n_kv_heads", self.n_kv_heads, minimum=1)
+      if self.n_heads % self.n_kv_heads:
+        raise ConfigError(f"{prefix}.n_kv_heads", f"must divide n_heads={self.n_heads}, got "
+                          f"{self.n_kv_heads}")
+    if self.head_dim is None:
+      if d_model % self.n_heads:
+        raise ConfigError(f"{prefix}.n_heads", f"must divide d_model={d_model} (or set "
+                          f"{prefix}.head_dim), got {self.n_heads}")
+    else:
+      check_int(f"{prefix}.head_dim", self.head_dim, minimum=1)
+    check_choice(f"{prefix}.qk_norm", self.qk_norm, QK_NORMS)
+    check_choice(f"{prefix}.impl", self.impl, IMPLS)
+    check_positive(f"{prefix}.rope_theta", self.rope_theta)
+    if not 0.0 <= self.rotary_fraction <= 1.0:
+      raise ConfigError(f"{prefix}.rotary_fraction", f"must be in [0, 1], got {self.rotary_fraction}")
+    if self.sliding_window is not None:
+      check_int(f"{prefix}.sliding_window", self.sliding_window, minimum=1)
+    if self.softcap is not None:
+      check_positive(f"{prefix}.softcap", self.softcap)
+    if self.scale is not None:
+      check_positive(f"{prefix}.scale", self.scale)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionKind:
+  specs: Callable[..., Any]
+  apply: Callable[..., Any]
+  init_cache: Callable[..., Any]
+
+
+ATTENTION: dict[str, AttentionKind] = {}
+
+
+def register(name: str, specs, apply, init_cache) -> None:
+  ATTENTION[name] = AttentionKind(specs, apply, init_cache)
+
+
+def get(name: str) -> AttentionKind:
+  if name not in ATTENTION:
+    raise ValueError(f"unknown attention kind '{name}'; registered kinds are {sorted(ATTENTION)}")
+  return ATTENTION[name]

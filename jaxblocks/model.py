@@ -1,0 +1,288 @@
+"""Decoder-only language model: embedding, a stack of blocks (scanned or unrolled), head, and
+KV-cache / recurrent-state generation.
+
+Parameters are one pytree::
+
+    {"embed": {"tokens": [vocab, d], "positions"?: [max_seq_len, d]},
+     "layers": [block params of pattern position 0, ..., P-1]   # each stacked [n_layers/P, ...]
+     "final_norm"?: ..., "head"?: {"w": [d, vocab], "b"?: [vocab]}}
+
+Layer ``l`` uses pattern position ``l % P`` and repetition ``l // P``. The scanned and the
+unrolled model use the same parameter layout, so they are interchangeable.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jaxblocks import blocks
+from jaxblocks import norms
+from jaxblocks import params as P
+from jaxblocks import sharding
+from jaxblocks.attention import base as attn_base
+from jaxblocks.config import ModelConfig
+from jaxblocks.context import Context
+
+# ----------------------------------------------------------------------------- specs
+
+
+def specs(cfg: ModelConfig):
+  """The full parameter-spec tree of a model."""
+  cfg.validate()
+  d, v = cfg.d_model, cfg.vocab_size
+  s = {"embed": {"tokens": P.ParamSpec((v, d), ("vocab", "embed"), P.normal(cfg.init_std))}}
+  if cfg.position_embedding == "learned":
+    s["embed"]["positions"] = P.ParamSpec((cfg.max_seq_len, d), (None, "embed"),
+                                          P.normal(cfg.init_std))
+  s["layers"] = [P.stack(blocks.specs(cfg, kind), cfg.repeats) for kind in cfg.attention_pattern]
+  if cfg.final_norm:
+    s["final_norm"] = norms.specs(d, cfg.norm)
+  if not cfg.tie_embeddings:
+    s["head"] = {"w": P.ParamSpec((d, v), ("embed", "vocab"), P.normal(cfg.init_std))}
+    if cfg.head_bias:
+      s["head"]["b"] = P.ParamSpec((v,), ("vocab",), P.zeros)
+  if cfg.param_dtype != "float32":
+    s = jax.tree.map(lambda x: P.ParamSpec(x.shape, x.logical_axes, x.init, cfg.weight_dtype), s,
+                     is_leaf=P.is_spec)
+  return s
+
+
+def init(cfg: ModelConfig, key: jax.Array, mesh=None, rules=None):
+  """Initialise all parameters in one jit (sharded over ``mesh`` when given)."""
+  return P.init(specs(cfg), key, mesh, rules)
+
+
+def count_params(cfg: ModelConfig, non_embedding: bool = False) -> int:
+  s = specs(cfg)
+  n = P.count(s)
+  if non_embedding:
+    n -= P.count(s["embed"])
+  return n
+
+
+# ----------------------------------------------------------------------------- remat
+
+
+def _remat(fn, cfg: ModelConfig):
+  policies = jax.checkpoint_policies
+  if cfg.remat == "none":
+    return fn
+  policy = {
+      "full": policies.nothing_saveable,
+      "save_dots": policies.dots_with_no_batch_dims_saveable,
+      "save_named": policies.save_only_these_names(*cfg.remat_save),
+  }[cfg.remat]
+  return jax.checkpoint(fn, policy=policy, prevent_cse=not cfg.scan_layers)
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def _check_tokens(tokens, cfg: ModelConfig, where: str):
+  if tokens.ndim != 2:
+    raise ValueError(f"{where}: tokens must have shape [batch, time], got {tokens.shape}")
+  if not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise ValueError(f"{where}: tokens must be integers, got dtype {tokens.dtype}")
+
+
+def _run_layers(layer_params, x, cfg: ModelConfig, ctx: Context, layer_caches):
+  pattern = cfg.attention_pattern
+  period = len(pattern)
+
+  def one_block(kind, p, x, layer_idx, cache):
+    return blocks.apply(p, x, cfg, ctx.replace(layer_idx=layer_idx), kind, cache)
+
+  block_fns = [_remat(functools.partial(one_block, kind), cfg) for kind in pattern]
+
+  def group(x, group_params, r, group_caches):
+    new = []
+    for i in range(period):
+      x, c = block_fns[i](group_params[i], x, r * period + i,
+                          None if group_caches is None else group_caches[i])
+      new.append(c)
+    return x, (None if group_caches is None else new)
+
+  if cfg.scan_layers:
+    def body(x, xs):
+      gp, r, gc = xs
+      x, new = group(x, gp, r, gc)
+      return x, new
+
+    x, new_caches = jax.lax.scan(
+        body, x, (layer_params, jnp.arange(cfg.repeats, dtype=jnp.int32), layer_caches))
+    return x, new_caches
+
+  outs = []
+  for r in range(cfg.repeats):
+    gp = jax.tree.map(lambda a: a[r], layer_params)
+    gc = None if layer_caches is None else jax.tree.map(lambda a: a[r], layer_caches)
+    x, new = group(x, gp, r, gc)
+    outs.append(new)
+  if layer_caches is None:
+    return x, None
+  return x, jax.tree.map(lambda *a: jnp.stack(a), *outs)
+
+
+def embed(params, tokens, cfg: ModelConfig, positions):
+  x = jnp.take(params["embed"]["tokens"], tokens, axis=0)
+  if cfg.scale_embeddings:
+    x = x * jnp.asarray(math.sqrt(cfg.d_model), x.dtype)
+  if "positions" in params["embed"]:
+    x = x + jnp.take(params["embed"]["positions"], positions, axis=0)
+  return sharding.constrain(x, ("batch", "seq", "embed"))
+
+
+def head(params, x, cfg: ModelConfig):
+  if cfg.final_norm:
+    x = norms.apply(params["final_norm"], x, cfg.norm)
+  if cfg.tie_embeddings:
+    logits = jnp.einsum("btd,vd->btv", x, params["embed"]["tokens"],
+                        preferred_element_type=jnp.float32)
+  else:
+    logits = jnp.einsum("btd,dv->btv", x, params["head"]["w"], preferred_element_type=jnp.float32)
+    if "b" in params["head"]:
+      logits = logits + params["head"]["b"].astype(jnp.float32)
+  if cfg.logit_softcap is not None:
+    logits = cfg.logit_softcap * jnp.tanh(logits / cfg.logit_softcap)
+  return sharding.constrain(logits, ("batch", "seq", "vocab"))
+
+
+def _forward(params, tokens, cfg: ModelConfig, positions, segment_ids, cache, training,
+             return_hidden=False):
+  params = P.cast_floating(params, cfg.compute_dtype)
+  x = embed(params, tokens, cfg, positions)
+  ctx = Context(positions=positions, segment_ids=segment_ids, n_layers=cfg.n_layers,
+                cache_index=None if cache is None else cache["index"], training=training)
+  x, new_layers = _run_layers(params["layers"], x, cfg, ctx,
+                              None if cache is None else cache["layers"])
+  out = x if return_hidden else head(params, x, cfg)
+  new_cache = None
+  if cache is not None:
+    new_cache = {"index": cache["index"] + tokens.shape[1], "layers": new_layers}
+  return out, new_cache
+
+
+def apply(params, tokens, cfg: ModelConfig, *, positions=None, segment_ids=None,
+          training: bool = False, return_hidden: bool = False):
+  """Float32 logits ``[batch, time, vocab]`` for int tokens ``[batch, time]``.
+
+  positions default to ``0..T-1``; ``segment_ids`` (packed documents) restrict attention to
+  tokens of the same segment. ``return_hidden`` returns the final hidden states before the head.
+  """
+  _check_tokens(tokens, cfg, "model.apply")
+  b, t = tokens.shape
+  if positions is None:
+    if segment_ids is not None:
+      positions = segment_positions(segment_ids)
+    else:
+      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  if positions.shape != tokens.shape:
+    raise ValueError(f"model.apply: positions shape {positions.shape} != tokens shape {tokens.shape}")
+  if segment_ids is not None and segment_ids.shape != tokens.shape:
+    raise ValueError(f"model.apply: segment_ids shape {segment_ids.shape} != tokens shape "
+                     f"{tokens.shape}")
+  if cfg.position_embedding == "learned" and t > cfg.max_seq_len:
+    raise ValueError(f"model.apply: sequence length {t} exceeds model.max_seq_len={cfg.max_seq_len}"
+                     " with learned position embeddings")
+  out, _ = _forward(params, tokens, cfg, positions, segment_ids, None, training, return_hidden)
+  return out
+
+
+def segment_positions(segment_ids):
+  """Positions restarting at 0 at every segment boundary of ``segment_ids[batch, time]``."""
+  t = segment_ids.shape[1]
+  idx = jnp.arange(t, dtype=jnp.int32)
+  start = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], dtype=bool),
+                           segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+  last_start = jax.lax.cummax(jnp.where(start, idx, 0), axis=1)
+  return idx - last_start
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None):
+  """Decoding state for every layer (KV caches, recurrent states), stacked like the params."""
+  dtype = cfg.compute_dtype if dtype is None else dtype
+  layers = []
+  for kind in cfg.attention_pattern:
+    one = attn_base.get(kind).init_cache(batch, max_len, cfg.d_model, cfg.attention, dtype)
+    layers.append(jax.tree.map(lambda a: jnp.broadcast_to(a, (cfg.repeats, *a.shape)), one))
+  return {"index": jnp.zeros((), jnp.int32), "layers": layers}
+
+
+def apply_cached(params, tokens, cfg: ModelConfig, cache):
+  """Process ``tokens`` at positions ``cache.index ...``; returns ``(logits, new_cache)``."""
+  _check_tokens(tokens, cfg, "model.apply_cached")
+  b, t = tokens.shape
+  positions = cache["index"] + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  return _forward(params, tokens, cfg, positions, None, cache, training=False)
+
+
+def sample_logits(logits_bv, key, temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None):
+  """Sample token ids from ``logits[batch, vocab]``; temperature 0 means greedy."""
+  if temperature == 0.0:
+    return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+  logits = logits_bv.astype(jnp.float32) / temperature
+  if top_k is not None:
+    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if top_p is not None:
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    cum = jnp.cumsum(probs, axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+    cutoff_idx = jnp.sum(cum - probs < top_p, axis=-1, keepdims=True) - 1
+    cutoff = jnp.take_along_axis(sorted_logits, cutoff_idx, axis=-1)
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k",
+                                             "top_p"))
+def _generate(params, prompt, key, cfg, max_new_tokens, temperature, top_k, top_p):
+  b, t0 = prompt.shape
+  cache = init_cache(cfg, b, t0 + max_new_tokens)
+  logits, cache = apply_cached(params, prompt, cfg, cache)
+  key, sub = jax.random.split(key)
+  first = sample_logits(logits[:, -1], sub, temperature, top_k, top_p)
+
+  def step(carry, _):
+    tok, cache, key = carry
+    logits, cache = apply_cached(params, tok[:, None], cfg, cache)
+    key, sub = jax.random.split(key)
+    nxt = sample_logits(logits[:, -1], sub, temperature, top_k, top_p)
+    return (nxt, cache, key), tok
+
+  (last, _, _), toks = jax.lax.scan(step, (first, cache, key), None, length=max_new_tokens - 1)
+  return jnp.concatenate([toks.T, last[:, None]], axis=1)
+
+
+def generate(params, prompt, cfg: ModelConfig, key=None, max_new_tokens: int = 32,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None):
+  """Sample ``max_new_tokens`` continuation tokens of ``prompt[batch, time]``.
+
+  Prefill runs the whole prompt once; each new token then costs one cached step (KV cache for
+  softmax layers, recurrent state for linear-attention layers). Compiled once per shape and
+  sampling setting. ``temperature=0`` is greedy decoding.
+  """
+  _check_tokens(prompt, cfg, "generate")
+  if max_new_tokens < 1:
+    raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+  if temperature < 0:
+    raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
+  if top_k is not None and not 1 <= top_k <= cfg.vocab_size:
+    raise ValueError(f"generate: top_k must be in [1, vocab_size={cfg.vocab_size}], got {top_k}")
+  if top_p is not None and not 0.0 < top_p <= 1.0:
+    raise ValueError(f"generate: top_p must be in (0, 1], got {top_p}")
+  total = prompt.shape[1] + max_new_tokens
+  if cfg.position_embedding == "learned" and total > cfg.max_seq_len:
+    raise ValueError(f"generate: prompt length + max_new_tokens = {total} exceeds "
+                     f"model.max_seq_len={cfg.max_seq_len}")
+  key = jax.random.key(0) if key is None else key
+  return _generate(params, prompt, key, cfg, max_new_tokens, float(temperature), top_k, top_p)

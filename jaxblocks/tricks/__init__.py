@@ -1,0 +1,1 @@
+"""Weight transforms applied to trained models, one module per technique."""
