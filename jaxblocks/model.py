@@ -192,6 +192,25 @@ def apply(params, tokens, cfg: ModelConfig, *, positions=None, segment_ids=None,
   return out
 
 
+def init_state(cfg: ModelConfig):
+  """Non-trainable model state (e.g. running normalisation statistics), checkpointed with the
+  parameters and threaded through :func:`apply_train`. Empty for models that keep none."""
+  cfg.validate()
+  return {}
+
+
+def apply_train(params, state, tokens, cfg: ModelConfig, *, step, positions=None,
+                segment_ids=None):
+  """The training forward pass: ``(logits, new_state)``.
+
+  ``step`` (int32 scalar) drives step-dependent schedules inside the model; ``state`` is the
+  tree from :func:`init_state` and comes back updated. Every trainer calls this function.
+  """
+  del step
+  logits = apply(params, tokens, cfg, positions=positions, segment_ids=segment_ids, training=True)
+  return logits, state
+
+
 def segment_positions(segment_ids):
   """Positions restarting at 0 at every segment boundary of ``segment_ids[batch, time]``."""
   t = segment_ids.shape[1]
