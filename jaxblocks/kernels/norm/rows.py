@@ -101,7 +101,8 @@ def backward(h32, w32, b32, g32, mean, rstd, dy32, dr32, spec: NormSpec, n_cols:
   """``(dh32, dw_rows, db_rows, dg32)`` for a block.
 
   ``dw_rows``/``db_rows`` are the per-element contributions ``dz * n`` and ``dz`` (callers sum
-  them over valid rows); entries are None where the operand is absent. ``dr32`` may be None.
+  them over valid rows); entries are None where the operand is absent. ``dr32`` may be None;
+  ``b32`` is only needed (and only passed) with a gate.
   """
   n = normalized(h32, mean, rstd, col_mask)
   dz = dy32
@@ -113,8 +114,8 @@ def backward(h32, w32, b32, g32, mean, rstd, dy32, dr32, spec: NormSpec, n_cols:
       z = z + b32
     dz = dy32 * (g32 * s)
     dg = dy32 * z * (s + g32 * s * (1.0 - s))
-  dw_rows = dz * n if w32 is not None else None
-  db_rows = dz if b32 is not None else None
+  dw_rows = dz * n if spec.has_weight else None
+  db_rows = dz if spec.has_bias else None
   dn = dz if w32 is None else dz * w32
   proj = _row_mean(dn * n, n_cols)
   if spec.kind == "rms":

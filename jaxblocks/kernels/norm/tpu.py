@@ -224,7 +224,7 @@ def backward(h, gate, weight, bias, mean, rstd, dy, dresidual_out, spec: NormSpe
                               (spec.kind == "layer", mean, _stat_spec(block_rows)),
                               (True, rstd, _stat_spec(block_rows)),
                               (True, dy, _row_spec(block_rows, d)),
-                              (spec.has_residual, dresidual_out, _row_spec(block_rows, d))):
+                              (spec.writes_residual, dresidual_out, _row_spec(block_rows, d))):
     if present:
       operands.append(arr)
       in_specs.append(bspec)
