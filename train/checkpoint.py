@@ -13,7 +13,7 @@ Layout (read by other tools; keep it stable): an Orbax ``CheckpointManager`` at
 Saves are asynchronous. Restores take an abstract target carrying the *current* mesh's
 shardings, so a run resumes on a different device count or mesh shape. A latest checkpoint
 that cannot be read (left incomplete or damaged) is skipped with a warning and the previous one
-is used.
+is used (the damaged one is deleted, so the step can be written again).
 """
 
 from __future__ import annotations
@@ -110,8 +110,10 @@ def restore_latest(mgr: ocp.CheckpointManager, abstract_state: dict, data_iterat
     try:
       restored = mgr.restore(step, args=args)
     except Exception as e:  # A damaged checkpoint may fail anywhere inside Orbax/TensorStore.
-      log.warning("checkpoint at step %d is incomplete or damaged and is skipped (%s: %s)",
-                  step, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+      log.warning("checkpoint at step %d is incomplete or damaged and is skipped and removed "
+                  "(%s: %s)", step, type(e).__name__,
+                  str(e).splitlines()[0][:200] if str(e) else "")
+      mgr.delete(step)  # So that training can write that step again.
       continue
     model_state = restored["model_state"]
     if not jax.tree.leaves(abstract_state["model_state"]):

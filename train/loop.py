@@ -138,8 +138,12 @@ def run(cfg: Config, stream=None) -> dict[str, Any]:
   repl = _replicated(mesh)
   param_sh = P.shardings(specs, mesh, rules)
   abstract_params = P.abstract(specs, mesh, rules)
-  opt_sh = jax.jit(optimizer.init, in_shardings=(param_sh,)).lower(
-      abstract_params).compile().output_shardings
+  # Optimizer-state shardings follow the parameters' (XLA propagates them through init); scalars
+  # such as the step count come back single-device and are made mesh-replicated.
+  opt_sh = jax.tree.map(
+      lambda s: s if isinstance(s, jax.sharding.NamedSharding) and s.mesh == mesh else repl,
+      jax.jit(optimizer.init, in_shardings=(param_sh,)).lower(
+          abstract_params).compile().output_shardings)
   model_state0 = jb_model.init_state(cfg.model)
   model_state_sh = jax.tree.map(lambda _: repl, model_state0)
   state_sh = {"step": repl, "params": param_sh, "opt_state": opt_sh,
@@ -256,7 +260,8 @@ def run(cfg: Config, stream=None) -> dict[str, Any]:
     mgr.wait_until_finished()
     summary["step"] = step_no
     if not summary["preempted"]:
-      if eval_data:
+      if eval_data and not (cfg.train.eval_every and step_no % cfg.train.eval_every == 0
+                            and step_no > start):
         ev = evaluate(eval_fn, state["params"], state["model_state"], eval_data, bsh)
         summary["eval_loss"] = ev
         reporter.print(f"final eval | loss {ev:.4f} | ppl {np.exp(ev):.2f}")
@@ -266,6 +271,10 @@ def run(cfg: Config, stream=None) -> dict[str, Any]:
         summary["sample"] = text
         reporter.print(f"--- sample after {step_no} steps ---\n{text}\n---")
         reporter.text(step_no, "sample", text)
+    if summary["first_loss"] is not None:
+      reporter.print(f"training loss: first step {summary['first_loss']:.4f} -> last "
+                     f"{summary['last_loss']:.4f} ({step_no - start} steps in "
+                     f"{time.perf_counter() - t_start:.0f}s)")
     summary["state"] = state
     return summary
   finally:
