@@ -88,7 +88,7 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, l
       zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
       (grads, loss, ce_sum, new_model_state), _ = jax.lax.scan(
           body, (zeros, jnp.float32(0), jnp.float32(0), model_state), micro)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt_state = optimizer.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
