@@ -33,7 +33,7 @@ class SentencePieceTokenizer:
       import sentencepiece
     except ImportError:
       raise ConfigError("data.tokenizer", "'sentencepiece' needs the sentencepiece package: "
-                        "pip install 'jaxblocks[tokenizers]'") from None
+                        "pip install 'jaxblocks[data]'") from None
     self._sp = sentencepiece.SentencePieceProcessor(model_file=path)
     self.vocab_size = int(self._sp.get_piece_size())
 
@@ -52,7 +52,7 @@ class HuggingFaceTokenizer:
       import tokenizers
     except ImportError:
       raise ConfigError("data.tokenizer", "'huggingface' needs the tokenizers package: "
-                        "pip install 'jaxblocks[tokenizers]'") from None
+                        "pip install 'jaxblocks[data]'") from None
     self._tok = tokenizers.Tokenizer.from_file(path)
     self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
 
