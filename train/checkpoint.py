@@ -13,7 +13,8 @@ Layout (read by other tools; keep it stable): an Orbax ``CheckpointManager`` at
 Saves are asynchronous. Restores take an abstract target carrying the *current* mesh's
 shardings, so a run resumes on a different device count or mesh shape. A latest checkpoint
 that cannot be read (left incomplete or damaged) is skipped with a warning and the previous one
-is used (the damaged one is deleted, so the step can be written again).
+is used; the damaged one is moved aside to ``<workdir>/checkpoints_damaged/`` (never deleted),
+so the step can be written again and nothing is lost.
 """
 
 from __future__ import annotations
@@ -94,6 +95,27 @@ def save(mgr: ocp.CheckpointManager, state: dict, data_iterator, meta: dict[str,
   return mgr.save(int(meta["step"]), args=args, force=force)
 
 
+def _move_aside(mgr: ocp.CheckpointManager, step: int) -> str:
+  """Move a damaged step directory out of the manager's directory so the step can be rewritten."""
+  import time
+  src = None
+  for child in mgr.directory.iterdir():
+    name = child.name
+    if name == str(step) or (name.split("_")[-1] == str(step) and name.split("_")[-1].isdigit()):
+      src = child
+      break
+  dest_root = mgr.directory.parent / (mgr.directory.name + "_damaged")
+  dest = dest_root / f"{step}-{int(time.time())}"
+  if jax.process_index() == 0 and src is not None:
+    dest_root.mkdir(parents=True, exist_ok=True)
+    src.rename(dest)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f"jaxblocks_move_damaged_{step}")
+  mgr.reload()
+  return str(dest)
+
+
 def restore_latest(mgr: ocp.CheckpointManager, abstract_state: dict, data_iterator):
   """Restore the newest readable checkpoint into ``abstract_state``'s shapes and shardings.
 
@@ -110,10 +132,10 @@ def restore_latest(mgr: ocp.CheckpointManager, abstract_state: dict, data_iterat
     try:
       restored = mgr.restore(step, args=args)
     except Exception as e:  # A damaged checkpoint may fail anywhere inside Orbax/TensorStore.
-      log.warning("checkpoint at step %d is incomplete or damaged and is skipped and removed "
-                  "(%s: %s)", step, type(e).__name__,
+      moved = _move_aside(mgr, step)
+      log.warning("checkpoint at step %d is incomplete or damaged and is skipped; moved to %s "
+                  "(%s: %s)", step, moved, type(e).__name__,
                   str(e).splitlines()[0][:200] if str(e) else "")
-      mgr.delete(step)  # So that training can write that step again.
       continue
     model_state = restored["model_state"]
     if not jax.tree.leaves(abstract_state["model_state"]):

@@ -13,7 +13,7 @@ import socket
 import numpy as np
 import pytest
 
-from trainer_helpers import final_params, losses, run, saved_steps, start, wait_for_checkpoint
+from tests.train.trainer_helpers import final_params, losses, run, saved_steps, start, wait_for_checkpoint
 
 STEPS = 16
 COMMON = ["optim.schedule=constant", "optim.warmup_steps=0", "data.num_shards=2",
@@ -79,6 +79,8 @@ def test_damaged_latest_checkpoint_is_skipped(reference, tmp_path, cache):
   out = run([*COMMON, f"train.steps={STEPS}", f"train.workdir={wd}"], cache_dir=cache)
   assert "damaged" in out and "skipped" in out
   assert f"resumed from {wd}/checkpoints at step {latest - 4}" in out
+  moved = list((wd / "checkpoints_damaged").iterdir())   # kept for inspection, not deleted
+  assert len(moved) == 1 and moved[0].name.startswith(f"{latest}-")
   _assert_same_params(reference, wd)   # redone from the previous checkpoint, same result
 
 

@@ -9,7 +9,7 @@ import yaml
 from jaxblocks import ModelConfig
 from train import config, loop
 
-from trainer_helpers import TINY
+from tests.train.trainer_helpers import TINY
 
 
 def test_tiny_training_lowers_loss_and_writes_outputs(tmp_path, capsys):
@@ -39,6 +39,6 @@ def test_nonfinite_loss_stops_without_checkpointing_bad_params(tmp_path):
                            "checkpoint.every_steps=1", f"train.workdir={tmp_path}"])
   with pytest.raises(loop.NonFiniteError, match="NaN/Inf"):
     loop.run(cfg)
-  from trainer_helpers import final_params
+  from tests.train.trainer_helpers import final_params
   _, params = final_params(tmp_path)
   assert all(np.isfinite(v).all() for v in params.values())
