@@ -301,7 +301,11 @@ def state_specs(cfg: ModelConfig):
 def init_state(cfg: ModelConfig, mesh=None, rules=None):
   """Non-trainable model state (running normalisation statistics of RepBN/PRepBN), checkpointed
   with the parameters and threaded through :func:`apply_train`. Empty for models that keep none."""
-  return P.init(state_specs(cfg), jax.random.key(0), mesh, rules)
+  specs = state_specs(cfg)
+  if mesh is None:  # constant initialisers: no randomness, no compilation needed
+    return jax.tree.map(lambda s: s.init(jax.random.key(0), s.shape, s.dtype), specs,
+                        is_leaf=P.is_spec)
+  return P.init(specs, jax.random.key(0), mesh, rules)
 
 
 def apply_train(params, state, tokens, cfg: ModelConfig, *, step, positions=None,
