@@ -145,13 +145,14 @@ def test_prepbn_state_training_and_eval(topology):
   # Scanned and unrolled agree in logits and state.
   logits_u, st_u = train_jit(params, state, TOKENS, cfg.replace(scan_layers=False),
                              step=jnp.int32(2), segment_ids=seg)
-  np.testing.assert_allclose(logits_s, logits_u, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(logits_s, logits_u, rtol=1e-5,
+                             atol=1e-6 * float(jnp.max(jnp.abs(logits_u))))
   for a, b in zip(jax.tree.leaves(st_s), jax.tree.leaves(st_u)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   # Evaluation uses the running statistics: deterministic per token, independent of the batch.
   ev = apply_jit(params, TOKENS, cfg, state=st_s)
   ev_one = apply_jit(params, TOKENS[:1], cfg, state=st_s)
-  np.testing.assert_allclose(ev[:1], ev_one, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(ev[:1], ev_one, rtol=1e-5, atol=1e-6 * float(jnp.max(jnp.abs(ev))))
   if topology == "pre":
     gen = model.generate(params, TOKENS[:, :4], cfg, max_new_tokens=2, temperature=0.0,
                          state=st_s)
