@@ -60,6 +60,11 @@ def fold_norm_weights(params, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
       raise ConversionError(f"{what}: {label}='{norm_cfg.kind}' has no foldable affine; "
                             f"supported kinds are {FOLDABLE_KINDS}")
   folding.check_foldable(cfg, what)
+  params, changes = folding.run_compiled(_fold_norm_weights, params, cfg)
+  return params, folding.apply_config_changes(cfg, changes)
+
+
+def _fold_norm_weights(params, cfg: ModelConfig):
   d = cfg.d_model
   affines = []
   layers = []
@@ -79,7 +84,7 @@ def fold_norm_weights(params, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
       cfg.norm, kind=_WEIGHTLESS_KIND.get(cfg.norm.kind, cfg.norm.kind), scale=False, bias=False,
       scale_offset=0.0,
       final_kind=None if final_kind is None else _WEIGHTLESS_KIND.get(final_kind, final_kind))
-  return params, folding.apply_config_changes(cfg, changes)
+  return params, changes
 
 
 def deferred_rms_project(x, w, eps: float = 1e-6):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax
 import jax.numpy as jnp
 
 from jaxblocks import mlp as mlp_lib
@@ -186,6 +187,21 @@ def apply_config_changes(cfg: ModelConfig, changes: dict[str, object]) -> ModelC
   for sub, fields in subs.items():
     top[sub] = dataclasses.replace(getattr(cfg, sub), **fields)
   return cfg.replace(**top).validate()
+
+
+def run_compiled(transform, params, *args):
+  """Run ``transform(params, *args) -> (new_params, config_changes)`` as one compiled program
+  (a conversion is hundreds of small array ops; eager dispatch would dominate). The config
+  changes are plain Python, computed from shapes and structure while tracing."""
+  box = {}
+
+  def traced(p):
+    new_params, changes = transform(p, *args)
+    box["changes"] = changes
+    return new_params
+
+  new_params = jax.jit(traced)(params)
+  return new_params, box["changes"]
 
 
 def head_weight(params, cfg: ModelConfig):

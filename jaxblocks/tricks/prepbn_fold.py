@@ -40,6 +40,11 @@ def fold_prepbn(params, state, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
                               "part cannot be folded — train past prepbn_warmup_steps + "
                               "prepbn_decay_steps")
   folding.check_foldable(cfg, what)
+  params, changes = folding.run_compiled(_fold_prepbn, params, state, cfg)
+  return params, folding.apply_config_changes(cfg, changes)
+
+
+def _fold_prepbn(params, state, cfg: ModelConfig):
   stacked_affine = jax.vmap(lambda p, s: norms.repbn_affine(p, s, cfg.norm))
   affines = []
   for lp, ls in zip(params["layers"], state["layers"]):
@@ -53,4 +58,4 @@ def fold_prepbn(params, state, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
     changes.update(head_changes)
     params["final_norm"] = {}
   changes["norm"] = norms.NormConfig(kind="none", scale=False)
-  return params, folding.apply_config_changes(cfg, changes)
+  return params, changes

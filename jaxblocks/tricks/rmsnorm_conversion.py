@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 
 from jaxblocks.config import ModelConfig
@@ -79,6 +80,11 @@ def to_pre_rmsnorm(params, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
   if not cfg.final_norm:
     raise ConversionError(f"{what}: model.final_norm=False — the head would read the shifted "
                           "residual stream directly; the conversion needs the final LayerNorm")
+  params, changes = folding.run_compiled(_to_pre_rmsnorm, params, cfg)
+  return params, folding.apply_config_changes(cfg, changes)
+
+
+def _to_pre_rmsnorm(params, cfg: ModelConfig):
   d = cfg.d_model
   affines = []
   for lp in params["layers"]:
@@ -94,17 +100,24 @@ def to_pre_rmsnorm(params, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
   params["layers"] = [{**lp, **weightless} for lp in params["layers"]]
   params["final_norm"] = {}
   changes["norm"] = NormConfig(kind="rmsnorm", eps=cfg.norm.eps, scale=False, bias=False)
-  return params, folding.apply_config_changes(cfg, changes)
+  return params, changes
 
 
-def _check_zero_mean(name, x, what):
-  scale = float(jnp.max(jnp.abs(x))) + 1e-30
-  err = float(jnp.max(jnp.abs(jnp.mean(x, axis=-1))))
-  tol = 1e-5 if x.dtype == jnp.float64 else 1e-4
-  if err > tol * scale:
-    raise ConversionError(f"{what}: {name} is not zero-mean along the model axis (max |mean| "
-                          f"{err:.3g} vs max |w| {scale:.3g}); the residual stream must be "
-                          "re-centred first (to_pre_rmsnorm)")
+@jax.jit
+def _mean_and_scale(tree):
+  return jax.tree.map(lambda x: (jnp.max(jnp.abs(jnp.mean(x, axis=-1))), jnp.max(jnp.abs(x))),
+                      tree)
+
+
+def _check_zero_mean(named_arrays: dict, what: str) -> None:
+  """Every array must be zero-mean along its last (model) axis, up to rounding."""
+  for name, (err, scale) in _mean_and_scale(named_arrays).items():
+    err, scale = float(err), float(scale) + 1e-30
+    tol = 1e-5 if named_arrays[name].dtype == jnp.float64 else 1e-4
+    if err > tol * scale:
+      raise ConversionError(f"{what}: {name} is not zero-mean along the model axis (max |mean| "
+                            f"{err:.3g} vs max |w| {scale:.3g}); the residual stream must be "
+                            "re-centred first (to_pre_rmsnorm)")
 
 
 def _compress_inputs(w):
@@ -133,17 +146,19 @@ def to_pre_crmsnorm(params, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
     raise ConversionError(f"{what}: model.final_norm=False; the head must read a normalised stream")
   if cfg.d_model < 2:
     raise ConversionError(f"{what}: model.d_model must be >= 2")
-  for key, table in params["embed"].items():
-    if key in ("tokens", "positions"):
-      _check_zero_mean(f"embed.{key}", table, what)
-  for kind, lp in zip(cfg.attention_pattern, params["layers"]):
+  named = {f"embed.{k}": v for k, v in params["embed"].items() if k in ("tokens", "positions")}
+  for i, (kind, lp) in enumerate(zip(cfg.attention_pattern, params["layers"])):
     layout = ATTENTION_LAYOUTS[kind]
-    _check_zero_mean(f"attn.{layout.output_projection}", lp["attn"][layout.output_projection], what)
-    _check_zero_mean("mlp.w_down", lp["mlp"]["w_down"], what)
-    for name, sub, key in (("attn", "attn", layout.output_bias), ("mlp", "mlp", "b_down")):
+    for sub, key in (("attn", layout.output_projection), ("attn", layout.output_bias),
+                     ("mlp", "w_down"), ("mlp", "b_down")):
       if key in lp[sub]:
-        _check_zero_mean(f"{name}.{key}", lp[sub][key], what)
+        named[f"layers[{i}].{sub}.{key}"] = lp[sub][key]
+  _check_zero_mean(named, what)
+  params, changes = folding.run_compiled(_to_pre_crmsnorm, params, cfg)
+  return params, folding.apply_config_changes(cfg, changes)
 
+
+def _to_pre_crmsnorm(params, cfg: ModelConfig):
   d = cfg.d_model
   params, changes = folding.fold_embedding_scale(params, cfg)
   params, untie = folding.untie_head(params, cfg)
@@ -174,4 +189,4 @@ def to_pre_crmsnorm(params, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
       "mlp": dataclasses.replace(cfg.mlp, d_ff=cfg.mlp.hidden(d)),
       "norm": dataclasses.replace(cfg.norm, kind="crmsnorm", final_kind=None),
   })
-  return params, folding.apply_config_changes(cfg, changes)
+  return params, changes
