@@ -402,8 +402,10 @@ def batch_statistics(x: jax.Array, mask: jax.Array | None):
 
 def repbn_affine(params, state, cfg: NormConfig):
   """Per-channel ``(a, c)`` with ``RepBN(x) = a ⊙ x + c`` under the running statistics."""
-  inv = jax.lax.rsqrt(state["var"] + cfg.eps) * params["bn_scale"]
-  return inv + params["eta"], params["bn_bias"] - state["mean"] * inv
+  dtype = jnp.promote_types(params["bn_scale"].dtype, jnp.float32)
+  mean, var = state["mean"].astype(dtype), state["var"].astype(dtype)
+  inv = jax.lax.rsqrt(var + cfg.eps) * params["bn_scale"].astype(dtype)
+  return inv + params["eta"].astype(dtype), params["bn_bias"].astype(dtype) - mean * inv
 
 
 def prepbn_lambda(step, cfg: NormConfig) -> jax.Array:

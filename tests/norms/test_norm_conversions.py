@@ -44,7 +44,7 @@ def small_models(draw, kinds=("layernorm",)):
       head_bias=draw(st.booleans()), dtype="float64", param_dtype="float64")
   if cfg.tie_embeddings:
     cfg = cfg.replace(head_bias=False)
-  if cfg.norm.kind == "single_scale_rmsnorm" and cfg.norm.bias:
+  if cfg.norm.kind in ("single_scale_rmsnorm", "repbn") and cfg.norm.bias:
     cfg = cfg.replace(norm=dataclasses.replace(cfg.norm, bias=False))
   return cfg.validate(), draw(st.integers(0, 2**16))
 
@@ -58,7 +58,7 @@ def assert_same_logits(a, b, rtol=1e-9):
   np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=rtol * scale + 1e-12)
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(small_models())
 def test_pre_ln_to_rmsnorm_to_crmsnorm_is_exact(model_and_seed):
   cfg, seed = model_and_seed
@@ -78,7 +78,7 @@ def test_pre_ln_to_rmsnorm_to_crmsnorm_is_exact(model_and_seed):
     assert_same_logits(ref, apply_jit(p_c, tokens, c_c))
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(small_models(kinds=("layernorm", "rmsnorm", "dyt", "single_scale_rmsnorm")))
 def test_flashnorm_fold_is_exact(model_and_seed):
   cfg, seed = model_and_seed
@@ -105,17 +105,23 @@ def test_flashnorm_gemma_offset_gain_folded_as_one_plus_w():
   assert_same_logits(apply_jit(params, tokens, cfg), apply_jit(p2, tokens, c2), rtol=1e-5)
 
 
-@settings(max_examples=10, deadline=None)
-@given(st.integers(1, 3), st.integers(2, 24), st.integers(1, 8), st.integers(0, 1000))
-def test_deferred_rms_projection_matches_normalize_then_project(batch, d, out, seed):
-  x = jax.random.normal(jax.random.key(seed), (batch, 3, d)) * 5.0
-  w = jax.random.normal(jax.random.key(seed + 1), (d, out))
+@jax.jit
+def _deferred_vs_reference(x, w):
   normalize_then_project = lambda x: jnp.einsum("btd,do->bto", norms.rmsnorm(x), w)  # noqa: E731
-  np.testing.assert_allclose(flashnorm.deferred_rms_project(x, w), normalize_then_project(x),
-                             rtol=1e-5, atol=1e-5)
-  g1 = jax.grad(lambda x: jnp.sum(flashnorm.deferred_rms_project(x, w) ** 2))(x)
-  g2 = jax.grad(lambda x: jnp.sum(normalize_then_project(x) ** 2))(x)
-  np.testing.assert_allclose(g1, g2, rtol=1e-4, atol=1e-4)
+  deferred = lambda x: flashnorm.deferred_rms_project(x, w)  # noqa: E731
+  g_deferred = jax.grad(lambda x: jnp.sum(deferred(x) ** 2))(x)
+  g_reference = jax.grad(lambda x: jnp.sum(normalize_then_project(x) ** 2))(x)
+  return deferred(x), normalize_then_project(x), g_deferred, g_reference
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.sampled_from([8, 16]), st.floats(0.01, 100.0), st.integers(0, 1000))
+def test_deferred_rms_projection_matches_normalize_then_project(d, spread, seed):
+  x = jax.random.normal(jax.random.key(seed), (2, 3, d)) * spread
+  w = jax.random.normal(jax.random.key(seed + 1), (d, 4))
+  y, want, g1, g2 = _deferred_vs_reference(x, w)
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(g1, g2, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(g2))))
 
 
 def test_deferral_checks():
@@ -146,15 +152,15 @@ def _train_prepbn(cfg, steps):
   return params, state
 
 
-@settings(max_examples=4, deadline=None)
+@settings(max_examples=3, deadline=None)
 @given(small_models(kinds=("prepbn", "repbn")))
 def test_prepbn_fold_is_exact_after_schedule(model_and_seed):
   cfg, seed = model_and_seed
   cfg = cfg.replace(norm=dataclasses.replace(cfg.norm, bias=cfg.norm.kind == "prepbn",
-                                             scale_offset=0.0, prepbn_warmup_steps=1,
+                                             scale_offset=0.0, prepbn_warmup_steps=0,
                                              prepbn_decay_steps=1))
   with jax.enable_x64(True):
-    params, state = _train_prepbn(cfg, [0, 1, 2])
+    params, state = _train_prepbn(cfg, [0, 1])
     tokens = tokens_for(cfg, seed)
     ref = apply_jit(params, tokens, cfg, state=state)
     p2, c2 = prepbn_fold.fold_prepbn(params, state, cfg)
