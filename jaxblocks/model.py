@@ -38,9 +38,13 @@ def specs(cfg: ModelConfig):
   if cfg.position_embedding == "learned":
     s["embed"]["positions"] = P.ParamSpec((cfg.max_seq_len, d), (None, "embed"),
                                           P.normal(cfg.init_std))
+  if cfg.norm.uses_embed_scale:
+    s["embed"]["scale"] = P.ParamSpec((), (), P.constant(math.sqrt(d)))
+  if cfg.block.embed_norm:
+    s["embed_norm"] = norms.specs(d, cfg.norm, "embed")
   s["layers"] = [P.stack(blocks.specs(cfg, kind), cfg.repeats) for kind in cfg.attention_pattern]
   if cfg.final_norm:
-    s["final_norm"] = norms.specs(d, cfg.norm)
+    s["final_norm"] = norms.specs(d, cfg.norm.final(), "final")
   if not cfg.tie_embeddings:
     s["head"] = {"w": P.ParamSpec((d, v), ("embed", "vocab"), P.normal(cfg.init_std))}
     if cfg.head_bias:
@@ -89,91 +93,174 @@ def _check_tokens(tokens, cfg: ModelConfig, where: str):
     raise ValueError(f"{where}: tokens must be integers, got dtype {tokens.dtype}")
 
 
-def _run_layers(layer_params, x, cfg: ModelConfig, ctx: Context, layer_caches):
+def _run_layers(layer_params, x, cfg: ModelConfig, ctx: Context, layer_caches, layer_states=None,
+                collect=False):
+  """Run every layer. Returns ``(x, new_caches, new_states, per_layer)``: per-pattern stacked
+  caches and norm states (None when not given) and, with ``collect``, every layer's output
+  stacked ``[n_layers, ...]`` (else None)."""
   pattern = cfg.attention_pattern
   period = len(pattern)
 
-  def one_block(kind, p, x, layer_idx, cache):
-    return blocks.apply(p, x, cfg, ctx.replace(layer_idx=layer_idx), kind, cache)
+  def one_block(kind, p, x, layer_idx, cache, norm_state):
+    extras = dict(ctx.extras)
+    if norm_state is not None:
+      extras["norm_state"], extras["norm_state_out"] = norm_state, {}
+    y, c = blocks.apply(p, x, cfg, ctx.replace(layer_idx=layer_idx, extras=extras), kind, cache)
+    new_state = None if norm_state is None else {**norm_state, **extras["norm_state_out"]}
+    return y, c, new_state
 
   block_fns = [_remat(functools.partial(one_block, kind), cfg) for kind in pattern]
 
-  def group(x, group_params, r, group_caches):
-    new = []
+  def group(x, group_params, r, group_caches, group_states):
+    new_c, new_s, outs = [], [], []
     for i in range(period):
-      x, c = block_fns[i](group_params[i], x, r * period + i,
-                          None if group_caches is None else group_caches[i])
-      new.append(c)
-    return x, (None if group_caches is None else new)
+      x, c, s = block_fns[i](group_params[i], x, r * period + i,
+                             None if group_caches is None else group_caches[i],
+                             None if group_states is None else group_states[i])
+      new_c.append(c)
+      new_s.append(s)
+      outs.append(x)
+    return x, ((None if group_caches is None else new_c),
+               (None if group_states is None else new_s),
+               jnp.stack(outs) if collect else None)
 
   if cfg.scan_layers:
     def body(x, xs):
-      gp, r, gc = xs
-      x, new = group(x, gp, r, gc)
-      return x, new
+      gp, r, gc, gs = xs
+      return group(x, gp, r, gc, gs)
 
-    x, new_caches = jax.lax.scan(
-        body, x, (layer_params, jnp.arange(cfg.repeats, dtype=jnp.int32), layer_caches))
-    return x, new_caches
-
-  outs = []
-  for r in range(cfg.repeats):
-    gp = jax.tree.map(lambda a: a[r], layer_params)
-    gc = None if layer_caches is None else jax.tree.map(lambda a: a[r], layer_caches)
-    x, new = group(x, gp, r, gc)
-    outs.append(new)
-  if layer_caches is None:
-    return x, None
-  return x, jax.tree.map(lambda *a: jnp.stack(a), *outs)
+    x, (new_caches, new_states, per_layer) = jax.lax.scan(
+        body, x, (layer_params, jnp.arange(cfg.repeats, dtype=jnp.int32), layer_caches,
+                  layer_states))
+  else:
+    results = []
+    for r in range(cfg.repeats):
+      pick = lambda tree: None if tree is None else jax.tree.map(lambda a: a[r], tree)  # noqa: B023
+      x, res = group(x, pick(layer_params), r, pick(layer_caches), pick(layer_states))
+      results.append(res)
+    new_caches, new_states, per_layer = jax.tree.map(lambda *a: jnp.stack(a), *results)
+  if collect:
+    per_layer = per_layer.reshape(cfg.n_layers, *per_layer.shape[2:])
+  return x, new_caches, new_states, per_layer
 
 
 def embed(params, tokens, cfg: ModelConfig, positions):
+  """Token (+ learned position) embedding, times sqrt(d) with ``scale_embeddings`` and times the
+  learned scalar ``embed.scale`` when present (DyT). The embedding norm is applied by the model."""
   x = jnp.take(params["embed"]["tokens"], tokens, axis=0)
   if cfg.scale_embeddings:
     x = x * jnp.asarray(math.sqrt(cfg.d_model), x.dtype)
   if "positions" in params["embed"]:
     x = x + jnp.take(params["embed"]["positions"], positions, axis=0)
+  if "scale" in params["embed"]:
+    x = x * params["embed"]["scale"].astype(x.dtype)
   return sharding.constrain(x, ("batch", "seq", "embed"))
 
 
-def head(params, x, cfg: ModelConfig):
+def _model_norm(norm_params, norm_state, x, norm_cfg, norm_ctx):
+  """A model-level norm (embedding / final): ``(y, new_state)``, state None when stateless."""
+  if not norm_cfg.is_stateful:
+    return norms.apply(norm_params, x, norm_cfg), None
+  return norms.apply_stateful(norm_params, norm_state, x, norm_cfg, norm_ctx)
+
+
+def head(params, x, cfg: ModelConfig, *, norm_state=None, norm_ctx=None):
+  """Final norm and output projection to float32 logits (float64 for float64 compute)."""
+  return _head(params, x, cfg, norm_state, norm_ctx)[0]
+
+
+def _head(params, x, cfg: ModelConfig, norm_state, norm_ctx):
+  new_norm_state = None
   if cfg.final_norm:
-    x = norms.apply(params["final_norm"], x, cfg.norm)
+    x, new_norm_state = _model_norm(params["final_norm"], norm_state, x, cfg.norm.final(),
+                                    norm_ctx)
+  acc = jnp.promote_types(x.dtype, jnp.float32)
   if cfg.tie_embeddings:
-    logits = jnp.einsum("btd,vd->btv", x, params["embed"]["tokens"],
-                        preferred_element_type=jnp.float32)
+    logits = jnp.einsum("btd,vd->btv", x, params["embed"]["tokens"], preferred_element_type=acc)
   else:
-    logits = jnp.einsum("btd,dv->btv", x, params["head"]["w"], preferred_element_type=jnp.float32)
+    logits = jnp.einsum("btd,dv->btv", x, params["head"]["w"], preferred_element_type=acc)
     if "b" in params["head"]:
-      logits = logits + params["head"]["b"].astype(jnp.float32)
+      logits = logits + params["head"]["b"].astype(acc)
   if cfg.logit_softcap is not None:
     logits = cfg.logit_softcap * jnp.tanh(logits / cfg.logit_softcap)
-  return sharding.constrain(logits, ("batch", "seq", "vocab"))
+  return sharding.constrain(logits, ("batch", "seq", "vocab")), new_norm_state
 
 
 def _forward(params, tokens, cfg: ModelConfig, positions, segment_ids, cache, training,
-             return_hidden=False):
+             return_hidden=False, state=None, step=None, collect=False):
+  """Returns ``(out, new_cache, new_state, per_layer)``; ``out`` is the logits or, with
+  ``return_hidden``, the final hidden states; ``per_layer`` ``[n_layers + 1, b, t, d]`` holds the
+  embedding output and every layer's output when ``collect``."""
   params = P.cast_floating(params, cfg.compute_dtype)
+  stateful = cfg.norm.is_stateful
+  if stateful and not state:
+    raise ValueError(f"model.norm.kind='{cfg.norm.kind}' keeps running statistics: pass the "
+                     "model state (model.init_state(cfg), or the one saved by the trainer) as "
+                     "state=")
+  extras = {}
+  norm_ctx = None
+  if stateful:
+    norm_ctx = norms.NormContext(training=training, step=state["step"] if step is None else step,
+                                 mask=None if segment_ids is None else segment_ids != 0)
+    extras["norm_context"] = norm_ctx
+  new_state = dict(state) if stateful else state
   x = embed(params, tokens, cfg, positions)
+  if cfg.block.embed_norm:
+    x, s = _model_norm(params["embed_norm"], state.get("embed_norm") if stateful else None, x,
+                       cfg.norm, norm_ctx)
+    if stateful:
+      new_state["embed_norm"] = s
   ctx = Context(positions=positions, segment_ids=segment_ids, n_layers=cfg.n_layers,
-                cache_index=None if cache is None else cache["index"], training=training)
-  x, new_layers = _run_layers(params["layers"], x, cfg, ctx,
-                              None if cache is None else cache["layers"])
-  out = x if return_hidden else head(params, x, cfg)
+                cache_index=None if cache is None else cache["index"], training=training,
+                extras=extras)
+  x_embedded = x
+  x, new_layers, new_layer_states, per_layer = _run_layers(
+      params["layers"], x, cfg, ctx, None if cache is None else cache["layers"],
+      state["layers"] if stateful else None, collect)
+  if stateful:
+    new_state["layers"] = new_layer_states
+  if return_hidden:
+    out = x
+  else:
+    out, final_state = _head(params, x, cfg, state.get("final_norm") if stateful else None,
+                             norm_ctx)
+    if stateful and cfg.final_norm:
+      new_state["final_norm"] = final_state
+  if collect:
+    per_layer = jnp.concatenate([x_embedded[None], per_layer], axis=0)
   new_cache = None
   if cache is not None:
     new_cache = {"index": cache["index"] + tokens.shape[1], "layers": new_layers}
-  return out, new_cache
+  return out, new_cache, new_state, per_layer
 
 
 def apply(params, tokens, cfg: ModelConfig, *, positions=None, segment_ids=None,
-          training: bool = False, return_hidden: bool = False):
+          training: bool = False, return_hidden: bool = False, state=None):
   """Float32 logits ``[batch, time, vocab]`` for int tokens ``[batch, time]``.
 
   positions default to ``0..T-1``; ``segment_ids`` (packed documents) restrict attention to
   tokens of the same segment. ``return_hidden`` returns the final hidden states before the head.
+  ``state`` (from :func:`init_state` / the trainer) is required by models with stateful norms
+  (``repbn``, ``prepbn``), which then normalise with their running statistics.
   """
-  _check_tokens(tokens, cfg, "model.apply")
+  positions = _check_inputs(tokens, cfg, positions, segment_ids, "model.apply")
+  out, _, _, _ = _forward(params, tokens, cfg, positions, segment_ids, None, training,
+                          return_hidden, state=state)
+  return out
+
+
+def hidden_states(params, tokens, cfg: ModelConfig, *, positions=None, segment_ids=None,
+                  state=None):
+  """Every residual-stream state ``[n_layers + 1, batch, time, d]``: the embedding output
+  (after the embedding norm, if any) followed by each layer's output (evaluation mode)."""
+  positions = _check_inputs(tokens, cfg, positions, segment_ids, "model.hidden_states")
+  _, _, _, per_layer = _forward(params, tokens, cfg, positions, segment_ids, None, False,
+                                return_hidden=True, state=state, collect=True)
+  return per_layer
+
+
+def _check_inputs(tokens, cfg: ModelConfig, positions, segment_ids, where):
+  _check_tokens(tokens, cfg, where)
   b, t = tokens.shape
   if positions is None:
     if segment_ids is not None:
@@ -181,34 +268,64 @@ def apply(params, tokens, cfg: ModelConfig, *, positions=None, segment_ids=None,
     else:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   if positions.shape != tokens.shape:
-    raise ValueError(f"model.apply: positions shape {positions.shape} != tokens shape {tokens.shape}")
+    raise ValueError(f"{where}: positions shape {positions.shape} != tokens shape {tokens.shape}")
   if segment_ids is not None and segment_ids.shape != tokens.shape:
-    raise ValueError(f"model.apply: segment_ids shape {segment_ids.shape} != tokens shape "
+    raise ValueError(f"{where}: segment_ids shape {segment_ids.shape} != tokens shape "
                      f"{tokens.shape}")
   if cfg.position_embedding == "learned" and t > cfg.max_seq_len:
-    raise ValueError(f"model.apply: sequence length {t} exceeds model.max_seq_len={cfg.max_seq_len}"
+    raise ValueError(f"{where}: sequence length {t} exceeds model.max_seq_len={cfg.max_seq_len}"
                      " with learned position embeddings")
-  out, _ = _forward(params, tokens, cfg, positions, segment_ids, None, training, return_hidden)
-  return out
+  return positions
 
 
-def init_state(cfg: ModelConfig):
-  """Non-trainable model state (e.g. running normalisation statistics), checkpointed with the
-  parameters and threaded through :func:`apply_train`. Empty for models that keep none."""
+def state_specs(cfg: ModelConfig):
+  """Spec tree of the non-trainable state: for stateful norms (``repbn``, ``prepbn``) the running
+  statistics of every norm (layers stacked like the params) and the last training ``step``
+  (which drives the PRepBN schedule at evaluation); ``{}`` otherwise."""
   cfg.validate()
-  return {}
+  if not cfg.norm.is_stateful:
+    return {}
+  d = cfg.d_model
+  s = {"step": P.ParamSpec((), (), P.zeros, jnp.int32), "layers": []}
+  for kind in cfg.attention_pattern:
+    slots = blocks.norm_slots(blocks.specs(cfg, kind))
+    s["layers"].append(P.stack({slot: norms.state_specs(d, cfg.norm) for slot in slots},
+                               cfg.repeats))
+  if cfg.block.embed_norm:
+    s["embed_norm"] = norms.state_specs(d, cfg.norm)
+  if cfg.final_norm:
+    s["final_norm"] = norms.state_specs(d, cfg.norm.final())
+  return s
+
+
+def init_state(cfg: ModelConfig, mesh=None, rules=None):
+  """Non-trainable model state (running normalisation statistics of RepBN/PRepBN), checkpointed
+  with the parameters and threaded through :func:`apply_train`. Empty for models that keep none."""
+  specs = state_specs(cfg)
+  if mesh is None:  # constant initialisers: no randomness, no compilation needed
+    return jax.tree.map(lambda s: s.init(jax.random.key(0), s.shape, s.dtype), specs,
+                        is_leaf=P.is_spec)
+  return P.init(specs, jax.random.key(0), mesh, rules)
 
 
 def apply_train(params, state, tokens, cfg: ModelConfig, *, step, positions=None,
                 segment_ids=None):
   """The training forward pass: ``(logits, new_state)``.
 
-  ``step`` (int32 scalar) drives step-dependent schedules inside the model; ``state`` is the
-  tree from :func:`init_state` and comes back updated. Every trainer calls this function.
+  ``step`` (int32 scalar) drives step-dependent schedules inside the model (the PRepBN LN → RepBN
+  weight); ``state`` is the tree from :func:`init_state` and comes back updated (batch statistics
+  folded into the running ones, padding — segment id 0 — left out; ``state['step'] = step``).
+  Every trainer calls this function.
   """
-  del step
-  logits = apply(params, tokens, cfg, positions=positions, segment_ids=segment_ids, training=True)
-  return logits, state
+  positions = _check_inputs(tokens, cfg, positions, segment_ids, "model.apply_train")
+  if not cfg.norm.is_stateful:
+    logits, _, _, _ = _forward(params, tokens, cfg, positions, segment_ids, None, True)
+    return logits, state
+  step = jnp.asarray(step, jnp.int32)
+  logits, _, new_state, _ = _forward(params, tokens, cfg, positions, segment_ids, None, True,
+                                     state=state, step=step)
+  new_state["step"] = step
+  return logits, new_state
 
 
 def segment_positions(segment_ids):
@@ -234,12 +351,15 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None):
   return {"index": jnp.zeros((), jnp.int32), "layers": layers}
 
 
-def apply_cached(params, tokens, cfg: ModelConfig, cache):
-  """Process ``tokens`` at positions ``cache.index ...``; returns ``(logits, new_cache)``."""
+def apply_cached(params, tokens, cfg: ModelConfig, cache, state=None):
+  """Process ``tokens`` at positions ``cache.index ...``; returns ``(logits, new_cache)``.
+  ``state``: the model state, required by stateful norms (see :func:`apply`)."""
   _check_tokens(tokens, cfg, "model.apply_cached")
   b, t = tokens.shape
   positions = cache["index"] + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  return _forward(params, tokens, cfg, positions, None, cache, training=False)
+  logits, new_cache, _, _ = _forward(params, tokens, cfg, positions, None, cache, training=False,
+                                     state=state)
+  return logits, new_cache
 
 
 def sample_logits(logits_bv, key, temperature: float = 1.0, top_k: int | None = None,
@@ -264,16 +384,16 @@ def sample_logits(logits_bv, key, temperature: float = 1.0, top_k: int | None = 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k",
                                              "top_p"))
-def _generate(params, prompt, key, cfg, max_new_tokens, temperature, top_k, top_p):
+def _generate(params, prompt, key, cfg, max_new_tokens, temperature, top_k, top_p, state):
   b, t0 = prompt.shape
   cache = init_cache(cfg, b, t0 + max_new_tokens)
-  logits, cache = apply_cached(params, prompt, cfg, cache)
+  logits, cache = apply_cached(params, prompt, cfg, cache, state)
   key, sub = jax.random.split(key)
   first = sample_logits(logits[:, -1], sub, temperature, top_k, top_p)
 
   def step(carry, _):
     tok, cache, key = carry
-    logits, cache = apply_cached(params, tok[:, None], cfg, cache)
+    logits, cache = apply_cached(params, tok[:, None], cfg, cache, state)
     key, sub = jax.random.split(key)
     nxt = sample_logits(logits[:, -1], sub, temperature, top_k, top_p)
     return (nxt, cache, key), tok
@@ -283,12 +403,14 @@ def _generate(params, prompt, key, cfg, max_new_tokens, temperature, top_k, top_
 
 
 def generate(params, prompt, cfg: ModelConfig, key=None, max_new_tokens: int = 32,
-             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None):
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             state=None):
   """Sample ``max_new_tokens`` continuation tokens of ``prompt[batch, time]``.
 
   Prefill runs the whole prompt once; each new token then costs one cached step (KV cache for
   softmax layers, recurrent state for linear-attention layers). Compiled once per shape and
-  sampling setting. ``temperature=0`` is greedy decoding.
+  sampling setting. ``temperature=0`` is greedy decoding. ``state``: the model state, required
+  by stateful norms (see :func:`apply`).
   """
   _check_tokens(prompt, cfg, "generate")
   if max_new_tokens < 1:
@@ -304,4 +426,5 @@ def generate(params, prompt, cfg: ModelConfig, key=None, max_new_tokens: int = 3
     raise ValueError(f"generate: prompt length + max_new_tokens = {total} exceeds "
                      f"model.max_seq_len={cfg.max_seq_len}")
   key = jax.random.key(0) if key is None else key
-  return _generate(params, prompt, key, cfg, max_new_tokens, float(temperature), top_k, top_p)
+  return _generate(params, prompt, key, cfg, max_new_tokens, float(temperature), top_k, top_p,
+                   state)
