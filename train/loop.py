@@ -108,6 +108,37 @@ def sample(params, cfg: Config, tokenizer, key) -> str:
   return cfg.train.sample_prompt + tokenizer.decode(_host(out)[0].tolist())
 
 
+def train_state_layout(specs, optimizer, model_cfg, mesh, rules) -> tuple[dict, dict]:
+  """Shardings and abstract values (``ShapeDtypeStruct`` with sharding) of the whole train state.
+
+  Shared by the training run and the ahead-of-time compiler (``train.compile``), which passes a
+  mesh of devices that need not be present (a TPU topology).
+  """
+  repl = _replicated(mesh)
+  param_sh = P.shardings(specs, mesh, rules)
+  abstract_params = P.abstract(specs, mesh, rules)
+  # Optimizer-state shardings follow the parameters' (XLA propagates them through init); scalars
+  # such as the step count come back single-device and are made mesh-replicated.
+  opt_sh = jax.tree.map(
+      lambda s: s if isinstance(s, jax.sharding.NamedSharding) and s.mesh == mesh else repl,
+      jax.jit(optimizer.init, in_shardings=(param_sh,)).lower(
+          abstract_params).compile().output_shardings)
+  model_state0 = jb_model.init_state(model_cfg)
+  model_state_sh = jax.tree.map(lambda _: repl, model_state0)
+  state_sh = {"step": repl, "params": param_sh, "opt_state": opt_sh,
+              "model_state": model_state_sh}
+  abstract_state = {
+      "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=repl),
+      "params": abstract_params,
+      "opt_state": jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                jax.eval_shape(optimizer.init, abstract_params), opt_sh),
+      "model_state": jax.tree.map(
+          lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.asarray(a).dtype, sharding=repl),
+          model_state0),
+  }
+  return state_sh, abstract_state
+
+
 def run(cfg: Config, stream=None) -> dict[str, Any]:
   """Train according to ``cfg``; returns a summary (first/last loss, eval loss, sample, step)."""
   cfg.validate()
@@ -136,26 +167,10 @@ def run(cfg: Config, stream=None) -> dict[str, Any]:
   specs = jb_model.specs(cfg.model)
   optimizer, lr_schedule = optim.make(cfg.optim, specs, cfg.train.steps)
   repl = _replicated(mesh)
-  param_sh = P.shardings(specs, mesh, rules)
-  abstract_params = P.abstract(specs, mesh, rules)
-  # Optimizer-state shardings follow the parameters' (XLA propagates them through init); scalars
-  # such as the step count come back single-device and are made mesh-replicated.
-  opt_sh = jax.tree.map(
-      lambda s: s if isinstance(s, jax.sharding.NamedSharding) and s.mesh == mesh else repl,
-      jax.jit(optimizer.init, in_shardings=(param_sh,)).lower(
-          abstract_params).compile().output_shardings)
+  state_sh, abstract_state = train_state_layout(specs, optimizer, cfg.model, mesh, rules)
+  param_sh, opt_sh, model_state_sh = (state_sh["params"], state_sh["opt_state"],
+                                      state_sh["model_state"])
   model_state0 = jb_model.init_state(cfg.model)
-  model_state_sh = jax.tree.map(lambda _: repl, model_state0)
-  state_sh = {"step": repl, "params": param_sh, "opt_state": opt_sh,
-              "model_state": model_state_sh}
-  abstract_state = {
-      "params": abstract_params,
-      "opt_state": jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                jax.eval_shape(optimizer.init, abstract_params), opt_sh),
-      "model_state": jax.tree.map(
-          lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.asarray(a).dtype, sharding=repl),
-          model_state0),
-  }
 
   # -- resume or initialise
   mgr = checkpoint.manager(os.path.join(workdir, "checkpoints"), cfg.checkpoint)
