@@ -47,6 +47,10 @@ COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "coll
 _TARGET_LINE = re.compile(r"^#\s*jaxblocks-compile:\s*(.+)$", re.M)
 
 
+class DoesNotFitError(RuntimeError):
+  """The compiler found that the train step does not fit the device memory."""
+
+
 @dataclasses.dataclass
 class Report:
   """What the compiler says about one train step."""
@@ -64,6 +68,7 @@ class Report:
   code_bytes: int
   flops: float | None
   collectives: dict[str, int]
+  pallas_kernels: int
   chip_memory_bytes: int | None
 
   @property
@@ -98,6 +103,7 @@ class Report:
         + ("" if self.fits is None else ("  fits" if self.fits else "  DOES NOT FIT")),
         "FLOPs per step per device: " + ("n/a" if self.flops is None else f"{self.flops:.4g}"),
         "collectives: " + ", ".join(f"{k} {v}" for k, v in self.collectives.items()),
+        f"Pallas kernel calls: {self.pallas_kernels}",
     ]
     return "\n".join(lines)
 
@@ -118,6 +124,8 @@ def tpu_devices(topology: str) -> list:
   # libtpu otherwise looks for a TPU VM's metadata server and warns about it.
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  # Compiling needs no exclusive hold of a TPU: let several compiles (test workers) run at once.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
     desc = topologies.get_topology_desc(topology_name=resolve_topology(topology), platform="tpu")
   except (RuntimeError, ValueError) as e:
@@ -137,6 +145,12 @@ def count_collectives(hlo_text: str) -> dict[str, int]:
   for op in COLLECTIVES:
     counts[op] = len(re.findall(rf"\s{re.escape(op)}(?:-start)?\(", hlo_text))
   return counts
+
+
+def count_pallas_kernels(hlo_text: str) -> int:
+  """Number of compiled Pallas (Mosaic TPU / Triton GPU) kernel calls in an HLO module."""
+  return len(re.findall(r'custom_call_target="(?:tpu_custom_call|__gpu\$xla\.gpu\.triton)"',
+                        hlo_text))
 
 
 def _flops(compiled) -> float | None:
@@ -203,9 +217,15 @@ def compile_train_step(cfg, devices: Sequence, *, target: str = "", chip: str | 
   """Compile the train step of ``cfg`` for ``devices`` (present or from a TPU topology)."""
   from jaxblocks import params as P
   mesh, _, specs, train_step, abstract_state, batch, _ = build(cfg, devices)
-  compiled = train_step.lower(abstract_state, batch).compile()
-  mem = compiled.memory_analysis()
   kind = devices[0].device_kind
+  try:
+    compiled = train_step.lower(abstract_state, batch).compile()
+  except Exception as e:  # The TPU compiler itself refuses programs that exceed HBM.
+    if "RESOURCE_EXHAUSTED" in str(e) or "HbmOom" in str(e):
+      raise DoesNotFitError(f"{kind}: {str(e).splitlines()[0][:400]}") from None
+    raise
+  mem = compiled.memory_analysis()
+  hlo = compiled.as_text()
   return Report(
       target=target or f"{len(devices)} {devices[0].platform} devices", device_kind=kind,
       n_devices=len(devices), mesh={k: int(v) for k, v in mesh.shape.items()},
@@ -213,7 +233,7 @@ def compile_train_step(cfg, devices: Sequence, *, target: str = "", chip: str | 
       argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
       temp_bytes=int(mem.temp_size_in_bytes), alias_bytes=int(mem.alias_size_in_bytes),
       code_bytes=int(mem.generated_code_size_in_bytes), flops=_flops(compiled),
-      collectives=count_collectives(compiled.as_text()),
+      collectives=count_collectives(hlo), pallas_kernels=count_pallas_kernels(hlo),
       chip_memory_bytes=chip_memory_bytes(kind, chip, memory_gib))
 
 
@@ -247,6 +267,13 @@ def sharding_snapshot(cfg, devices: Sequence) -> dict[str, Any]:
           "opt_state": by_path(state_sh["opt_state"], abstract_state["opt_state"])}
 
 
+def golden_path(config_path: str) -> str:
+  """``tests/golden/<config file stem>.json`` in the repository holding this package."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  stem = os.path.splitext(os.path.basename(config_path))[0]
+  return os.path.join(root, "tests", "golden", f"{stem}.json")
+
+
 def target_args(config_path: str | None) -> list[str]:
   """The ``# jaxblocks-compile: ...`` arguments written in a config file (empty if none)."""
   if not config_path or not os.path.isfile(config_path):
@@ -267,6 +294,9 @@ def _parser() -> argparse.ArgumentParser:
                  f"{sorted(k for k in CHIP_MEMORY_GIB if ' ' not in k)}")
   p.add_argument("--memory-gib", type=float, help="memory per device to check against")
   p.add_argument("--json", help="also write the report as JSON to this file")
+  p.add_argument("--update-golden", action="store_true",
+                 help="write the parameter/optimizer-state sharding snapshot to "
+                 "tests/golden/<config name>.json instead of compiling")
   return p
 
 
@@ -302,8 +332,18 @@ def main(argv: list[str] | None = None) -> int:
                          f"{len(jax.devices())} devices")
       target = f"{args.devices} simulated devices"
     chip_memory_bytes(devices[0].device_kind, args.chip, args.memory_gib)  # validate early
+    if args.update_golden:
+      path = golden_path(args.config)
+      with open(path, "w", encoding="utf-8") as f:
+        json.dump(sharding_snapshot(cfg, devices), f, indent=1, sort_keys=True)
+        f.write("\n")
+      print(f"wrote {path}")
+      return 0
     report = compile_train_step(cfg, devices, target=target, chip=args.chip,
                                 memory_gib=args.memory_gib)
+  except DoesNotFitError as e:
+    print(f"jaxblocks-compile: error: does not fit: {e}", file=sys.stderr)
+    return 3
   except (ConfigError, ValueError, RuntimeError) as e:
     print(f"jaxblocks-compile: error: {e}", file=sys.stderr)
     return 2
