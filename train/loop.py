@@ -108,6 +108,56 @@ def sample(params, cfg: Config, tokenizer, key) -> str:
   return cfg.train.sample_prompt + tokenizer.decode(_host(out)[0].tolist())
 
 
+def optimizer_state_shardings(abstract_opt, abstract_params, param_sh, replicated):
+  """Each optimizer-state leaf that mirrors a parameter (same tree path suffix and shape, e.g.
+  Adam's ``mu``/``nu``) takes that parameter's sharding; the rest (step counts, ...) replicated.
+
+  (Read from the parameter layout rather than from XLA's propagation through ``optimizer.init``,
+  which leaves freshly created zeros unsharded when compiling for devices that are not present.)
+  """
+  by_path = {}
+  for (path, a), s in zip(jax.tree_util.tree_leaves_with_path(abstract_params),
+                          jax.tree.leaves(param_sh)):
+    by_path[jax.tree_util.keystr(path)] = (tuple(a.shape), s)
+
+  def pick(path, leaf):
+    key = jax.tree_util.keystr(path)
+    best = None
+    for p, (shape, s) in by_path.items():
+      if key.endswith(p) and shape == tuple(leaf.shape) and (best is None or len(p) > best[0]):
+        best = (len(p), s)
+    return replicated if best is None else best[1]
+
+  return jax.tree_util.tree_map_with_path(pick, abstract_opt)
+
+
+def train_state_layout(specs, optimizer, model_cfg, mesh, rules) -> tuple[dict, dict]:
+  """Shardings and abstract values (``ShapeDtypeStruct`` with sharding) of the whole train state.
+
+  Shared by the training run and the ahead-of-time compiler (``train.compile``), which passes a
+  mesh of devices that need not be present (a TPU topology).
+  """
+  repl = _replicated(mesh)
+  param_sh = P.shardings(specs, mesh, rules)
+  abstract_params = P.abstract(specs, mesh, rules)
+  abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
+  opt_sh = optimizer_state_shardings(abstract_opt, abstract_params, param_sh, repl)
+  model_state0 = jb_model.init_state(model_cfg)
+  model_state_sh = jax.tree.map(lambda _: repl, model_state0)
+  state_sh = {"step": repl, "params": param_sh, "opt_state": opt_sh,
+              "model_state": model_state_sh}
+  abstract_state = {
+      "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=repl),
+      "params": abstract_params,
+      "opt_state": jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                abstract_opt, opt_sh),
+      "model_state": jax.tree.map(
+          lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.asarray(a).dtype, sharding=repl),
+          model_state0),
+  }
+  return state_sh, abstract_state
+
+
 def run(cfg: Config, stream=None) -> dict[str, Any]:
   """Train according to ``cfg``; returns a summary (first/last loss, eval loss, sample, step)."""
   cfg.validate()
@@ -136,26 +186,10 @@ def run(cfg: Config, stream=None) -> dict[str, Any]:
   specs = jb_model.specs(cfg.model)
   optimizer, lr_schedule = optim.make(cfg.optim, specs, cfg.train.steps)
   repl = _replicated(mesh)
-  param_sh = P.shardings(specs, mesh, rules)
-  abstract_params = P.abstract(specs, mesh, rules)
-  # Optimizer-state shardings follow the parameters' (XLA propagates them through init); scalars
-  # such as the step count come back single-device and are made mesh-replicated.
-  opt_sh = jax.tree.map(
-      lambda s: s if isinstance(s, jax.sharding.NamedSharding) and s.mesh == mesh else repl,
-      jax.jit(optimizer.init, in_shardings=(param_sh,)).lower(
-          abstract_params).compile().output_shardings)
+  state_sh, abstract_state = train_state_layout(specs, optimizer, cfg.model, mesh, rules)
+  param_sh, opt_sh, model_state_sh = (state_sh["params"], state_sh["opt_state"],
+                                      state_sh["model_state"])
   model_state0 = jb_model.init_state(cfg.model)
-  model_state_sh = jax.tree.map(lambda _: repl, model_state0)
-  state_sh = {"step": repl, "params": param_sh, "opt_state": opt_sh,
-              "model_state": model_state_sh}
-  abstract_state = {
-      "params": abstract_params,
-      "opt_state": jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                jax.eval_shape(optimizer.init, abstract_params), opt_sh),
-      "model_state": jax.tree.map(
-          lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.asarray(a).dtype, sharding=repl),
-          model_state0),
-  }
 
   # -- resume or initialise
   mgr = checkpoint.manager(os.path.join(workdir, "checkpoints"), cfg.checkpoint)

@@ -340,6 +340,15 @@ def norm(x: jax.Array, weight: jax.Array | None = None, bias: jax.Array | None =
                    returns_residual=False)
 
 
+def _placement_platform(mesh: Mesh | None) -> str | None:
+  """Platform of the devices the computation is placed on (the given or active mesh), so that a
+  program compiled ahead of time for a TPU topology on a CPU host gets the TPU kernel."""
+  if mesh is None:
+    active = S.active()
+    mesh = active[0] if active is not None else None
+  return None if mesh is None else mesh.devices.flat[0].platform
+
+
 def _dispatch(x, residual, weight, bias, gate, *, kind, eps, scale_offset, residual_dtype, impl,
               backend, interpret, block_rows, mesh, rules, logical_axes, returns_residual):
   _check_inputs(x, residual, weight, bias, gate, kind, eps, impl, backend)
@@ -357,7 +366,7 @@ def _dispatch(x, residual, weight, bias, gate, *, kind, eps, scale_offset, resid
 
   if impl == "xla":
     return run_reference()
-  platform_kernel = platform_backend()
+  platform_kernel = platform_backend(_placement_platform(mesh))
   if impl == "auto" and platform_kernel is None:
     return run_reference()
   backend = backend or platform_kernel or "tpu"
