@@ -17,17 +17,16 @@ fast_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimizatio
 
 
 def make_inputs(seed, b, t, h, hk, kd, vd, gate, strength, dtype=jnp.float32):
-  ks = jax.random.split(jax.random.key(seed), 6)
-  q = jax.random.normal(ks[0], (b, t, h, kd), dtype)
-  k = jax.random.normal(ks[1], (b, t, hk, kd), dtype)
-  v = jax.random.normal(ks[2], (b, t, hk, vd), dtype)
-  s0 = jax.random.normal(ks[3], (b, hk, kd, vd), jnp.float32)
+  rng = np.random.default_rng(seed)
+  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32), dtype)
+  q, k, v = normal(b, t, h, kd), normal(b, t, hk, kd), normal(b, t, hk, vd)
+  s0 = normal(b, hk, kd, vd).astype(jnp.float32)
   shape = {"none": None, "scalar": (b, t, hk), "vector": (b, t, hk, kd)}[gate]
   log_g = None
   if shape is not None:
     # weak: log-gates in about [-0.05, 0]; strong: about [-8, -1] (decays of e^-1 … e^-8 per step).
-    u = jax.random.uniform(ks[4], shape)
-    log_g = -(0.05 * u if strength == "weak" else 1.0 + 7.0 * u)
+    u = rng.random(shape, np.float32)
+    log_g = jnp.asarray(-(0.05 * u if strength == "weak" else 1.0 + 7.0 * u))
   return q, k, v, log_g, s0
 
 
@@ -79,10 +78,12 @@ def test_forms_agree_values_and_grads(b, t, heads, kd, vd, gate, strength, chunk
   h, hk = heads
   q, k, v, log_g, s0 = make_inputs(seed, b, t, h, hk, kd, vd, gate, strength)
   seg = None if n_docs == 1 else random_segments(np.random.default_rng(seed), b, t, n_docs)
-  ref = fast_jit(functools.partial(_loss_and_grads, "recurrent"))(q, k, v, log_g, s0, seg)
-  par = fast_jit(functools.partial(_loss_and_grads, "parallel"))(q, k, v, log_g, s0, seg)
-  chk = fast_jit(functools.partial(_loss_and_grads, "chunk", chunk_size=chunks[0],
-                                  sub_chunk=chunks[1]))(q, k, v, log_g, s0, seg)
+  def all_forms(q, k, v, log_g, s0, seg):
+    return (_loss_and_grads("recurrent", q, k, v, log_g, s0, seg),
+            _loss_and_grads("parallel", q, k, v, log_g, s0, seg),
+            _loss_and_grads("chunk", q, k, v, log_g, s0, seg, chunk_size=chunks[0],
+                            sub_chunk=chunks[1]))
+  ref, par, chk = fast_jit(all_forms)(q, k, v, log_g, s0, seg)
   names = ["q", "k", "v"] + ([] if log_g is None else ["log_g"]) + ["initial_state"]
   for other, form in ((par, "parallel"), (chk, "chunk")):
     _close(other[0], ref[0], what=f"{form} output")
@@ -97,7 +98,7 @@ def test_long_sequence_strong_decay_stays_finite():
   # float32 exp range; the chunked form must stay finite and equal the recurrence.
   b, t, h, kd, vd = 1, 1024, 2, 8, 8
   q, k, v, _, s0 = make_inputs(0, b, t, h, h, kd, vd, "none", "weak")
-  log_g = -30.0 * jax.random.uniform(jax.random.key(3), (b, t, h, kd))
+  log_g = jnp.asarray(-30.0 * np.random.default_rng(3).random((b, t, h, kd), np.float32))
   ref = fast_jit(functools.partial(_loss_and_grads, "recurrent"))(q, k, v, log_g, s0, None)
   chk = fast_jit(functools.partial(_loss_and_grads, "chunk"))(q, k, v, log_g, s0, None)
   _close(chk[0], ref[0], what="output")
@@ -107,7 +108,7 @@ def test_long_sequence_strong_decay_stays_finite():
     _close(g_chk, g_ref, rtol=5e-4, what="grad")
 
 
-@settings(max_examples=8, deadline=None, derandomize=True)
+@settings(max_examples=4, deadline=None, derandomize=True)
 @given(lengths=st.lists(st.integers(1, 20), min_size=2, max_size=3),
        gate=st.sampled_from(["none", "scalar", "vector"]), seed=st.integers(0, 100))
 def test_packed_equals_separate(lengths, gate, seed):
@@ -124,8 +125,8 @@ def test_packed_equals_separate(lengths, gate, seed):
   for i, n in enumerate(lengths):
     sl = slice(start, start + n)
     g = None if log_g is None else log_g[:, sl]
-    o_s, s_s = L.recurrent_gla(q[:, sl], k[:, sl], v[:, sl], g,
-                               initial_state=s0 if i == 0 else None)
+    o_s, s_s = fast_jit(L.recurrent_gla)(q[:, sl], k[:, sl], v[:, sl], g,
+                                         initial_state=s0 if i == 0 else None)
     _close(o_p[:, sl], o_s, what=f"document {i}")
     start += n
   _close(s_p, s_s, what="final state = state of the last document")
@@ -133,16 +134,17 @@ def test_packed_equals_separate(lengths, gate, seed):
 
 def test_step_matches_recurrent_and_gqa_shares_state():
   q, k, v, log_g, s0 = make_inputs(1, 2, 7, 4, 2, 4, 3, "vector", "weak")
-  o_ref, s_ref = L.recurrent_gla(q, k, v, log_g, initial_state=s0)
-  state, outs = s0, []
+  o_ref, s_ref = fast_jit(L.recurrent_gla)(q, k, v, log_g, initial_state=s0)
+  state, outs, step = s0, [], fast_jit(L.gla_step)
   for t in range(7):
-    o_t, state = L.gla_step(q[:, t], k[:, t], v[:, t], log_g[:, t], state)
+    o_t, state = step(q[:, t], k[:, t], v[:, t], log_g[:, t], state)
     outs.append(o_t)
   _close(jnp.stack(outs, 1), o_ref, rtol=1e-5, what="steps")
   _close(state, s_ref, rtol=1e-5, what="step state")
   # GQA: query heads 2h and 2h+1 read the state of kv head h, i.e. the same as repeating k, v, g.
   rep = lambda a: jnp.repeat(a, 2, axis=2)
-  o_mha, _ = L.recurrent_gla(q, rep(k), rep(v), rep(log_g), initial_state=jnp.repeat(s0, 2, 1))
+  o_mha, _ = fast_jit(L.recurrent_gla)(q, rep(k), rep(v), rep(log_g),
+                                       initial_state=jnp.repeat(s0, 2, 1))
   _close(o_ref, o_mha, rtol=1e-5, what="GQA vs repeated heads")
 
 
@@ -152,21 +154,23 @@ def test_bfloat16_inputs_within_tolerance():
   output scale); against unrounded f32 inputs the error stays within 3e-2 of the output scale."""
   q, k, v, log_g, s0 = make_inputs(2, 2, 50, 2, 2, 8, 8, "vector", "weak")
   bf = lambda a: a.astype(jnp.bfloat16)
-  o_bf, s_bf = L.chunk_gla(bf(q), bf(k), bf(v), bf(log_g), initial_state=s0, chunk_size=16,
-                           sub_chunk=4)
+  chunked = fast_jit(functools.partial(L.chunk_gla, chunk_size=16, sub_chunk=4))
+  o_bf, s_bf = chunked(bf(q), bf(k), bf(v), bf(log_g), initial_state=s0)
   assert o_bf.dtype == jnp.bfloat16 and s_bf.dtype == jnp.float32
   up = lambda a: bf(a).astype(jnp.float32)
-  o_r, s_r = L.recurrent_gla(up(q), up(k), up(v), up(log_g), initial_state=s0)
+  o_r, s_r = fast_jit(L.recurrent_gla)(up(q), up(k), up(v), up(log_g), initial_state=s0)
   _close(o_bf, o_r, rtol=1e-2, what="bf16 vs f32 on rounded inputs")
   _close(s_bf, s_r, rtol=1e-4, what="bf16 state (float32) on rounded inputs")
-  o_32, _ = L.recurrent_gla(q, k, v, log_g, initial_state=s0)
+  o_32, _ = fast_jit(L.recurrent_gla)(q, k, v, log_g, initial_state=s0)
   _close(o_bf, o_32, rtol=3e-2, what="bf16 vs f32")
 
 
 def test_causal_conv_respects_prefix_and_documents():
-  from jaxblocks.attention.short_conv import causal_conv
-  x = jax.random.normal(jax.random.key(0), (1, 9, 3))
-  w = jax.random.normal(jax.random.key(1), (4, 3))
+  from jaxblocks.attention.short_conv import causal_conv as conv
+  causal_conv = fast_jit(conv)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((1, 9, 3), np.float32))
+  w = jnp.asarray(rng.standard_normal((4, 3), np.float32))
   y_full, _ = causal_conv(x, w)
   y_a, pre = causal_conv(x[:, :5], w)
   y_b, _ = causal_conv(x[:, 5:], w, prefix=pre)
@@ -179,14 +183,14 @@ def test_causal_conv_respects_prefix_and_documents():
 
 
 @pytest.mark.parametrize("bad, match", [
-    (dict(k_shape=(2, 5, 3, 4)), "not divisible"),
+    (dict(k_shape=(2, 5, 4, 4)), "not divisible"),
     (dict(v_shape=(2, 4, 2, 3)), "v shape"),
     (dict(g_shape=(2, 5, 2, 3)), "log_g must have shape"),
     (dict(s_shape=(2, 2, 4, 4)), "initial_state must have shape"),
 ])
 def test_bad_shapes_raise_clear_errors(bad, match):
   q = jnp.zeros((2, 5, 6, 4))
-  k = jnp.zeros(bad.get("k_shape", (2, 5, 2, 4)))
+  k = jnp.zeros(bad.get("k_shape", (2, 5, 2, 4)))  # 6 query heads, 3 kv heads: not divisible
   v = jnp.zeros(bad.get("v_shape", (2, 5, 2, 3)))
   g = jnp.zeros(bad.get("g_shape", (2, 5, 2)))
   s = jnp.zeros(bad.get("s_shape", (2, 2, 4, 3)))
