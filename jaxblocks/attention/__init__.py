@@ -1,6 +1,12 @@
-"""Attention families. Importing this package registers every kind in ``ATTENTION``."""
+"""Attention families. Importing this package registers every kind in ``ATTENTION``:
+``softmax`` (softmax.py), ``gla`` (gla.py), ``linear``, ``retention``, ``sla`` (linear.py); the
+linear-attention operators they share are in linear_ops.py."""
 
 from jaxblocks.attention.base import ATTENTION, AttentionConfig, AttentionKind, get, register
+from jaxblocks.attention.linear_config import GLAConfig, LinearConfig, RetentionConfig, SLAConfig
 from jaxblocks.attention import softmax
+from jaxblocks.attention import gla, linear, linear_ops
 
-__all__ = ["ATTENTION", "AttentionConfig", "AttentionKind", "get", "register", "softmax"]
+__all__ = ["ATTENTION", "AttentionConfig", "AttentionKind", "GLAConfig", "LinearConfig",
+           "RetentionConfig", "SLAConfig", "get", "gla", "linear", "linear_ops", "register",
+           "softmax"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+from jaxblocks.attention.linear_config import GLAConfig, LinearConfig, RetentionConfig, SLAConfig
 from jaxblocks.errors import ConfigError, check_choice, check_int, check_positive
 
 IMPLS = ("auto", "xla", "cudnn", "reference")
@@ -33,6 +34,7 @@ class AttentionConfig:
   softcap: tanh soft-capping of attention logits (Gemma 2).
   scale: logit scale (None → head_dim ** -0.5).
   impl: ``auto`` (cuDNN on GPU where supported, XLA otherwise), ``xla``, ``cudnn``, ``reference``.
+  gla / linear / retention / sla: options of the linear-attention kinds (attention/linear_config.py).
   """
 
   n_heads: int = 4
@@ -49,6 +51,10 @@ class AttentionConfig:
   softcap: float | None = None
   scale: float | None = None
   impl: str = "auto"
+  gla: GLAConfig = dataclasses.field(default_factory=GLAConfig)
+  linear: LinearConfig = dataclasses.field(default_factory=LinearConfig)
+  retention: RetentionConfig = dataclasses.field(default_factory=RetentionConfig)
+  sla: SLAConfig = dataclasses.field(default_factory=SLAConfig)
 
   def kv_heads(self) -> int:
     return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
@@ -80,6 +86,8 @@ class AttentionConfig:
       check_positive(f"{prefix}.softcap", self.softcap)
     if self.scale is not None:
       check_positive(f"{prefix}.scale", self.scale)
+    for name in ("gla", "linear", "retention", "sla"):
+      getattr(self, name).validate(f"{prefix}.{name}")
 
 
 @dataclasses.dataclass(frozen=True)
