@@ -28,6 +28,8 @@ class AttentionConfig:
   head_dim: per-head width (None → d_model // n_heads).
   bias / out_bias: biases on the q/k/v and on the output projection.
   qk_norm: RMSNorm on queries and keys — per head (``head``), over all heads (``full``), or none.
+  qk_norm_offset: the QK-norm gain is ``qk_norm_offset + w`` (Gemma 3 stores ``w`` with offset 1,
+    like ``NormConfig.scale_offset``); 0: the usual gain ``w`` initialised at 1.
   rope / rope_theta / rotary_fraction: rotary embeddings (partial when fraction < 1).
   sliding_window: attend to at most this many most recent keys (None = full causal).
   sliding_window_pattern: per-layer switch, repeated cyclically over depth: layer ``l`` uses
@@ -47,6 +49,7 @@ class AttentionConfig:
   out_bias: bool = False
   qk_norm: str = "none"
   qk_norm_eps: float = 1e-6
+  qk_norm_offset: float = 0.0
   rope: bool = True
   rope_theta: float = 10000.0
   rotary_fraction: float = 1.0

@@ -111,21 +111,24 @@ def specs(d_model: int, cfg: AttentionConfig, init_std: float = 0.02, out_std: f
   if cfg.out_bias:
     s["bo"] = P.ParamSpec((d_model,), ("embed",), P.zeros)
   if cfg.qk_norm == "head":
-    s["q_norm"] = P.ParamSpec((h,), ("head_dim",), P.ones)
-    s["k_norm"] = P.ParamSpec((h,), ("head_dim",), P.ones)
+    gain = P.constant(1.0 - cfg.qk_norm_offset)
+    s["q_norm"] = P.ParamSpec((h,), ("head_dim",), gain)
+    s["k_norm"] = P.ParamSpec((h,), ("head_dim",), gain)
   elif cfg.qk_norm == "full":
-    s["q_norm"] = P.ParamSpec((n, h), ("heads", "head_dim"), P.ones)
-    s["k_norm"] = P.ParamSpec((k, h), ("kv_heads", "head_dim"), P.ones)
+    gain = P.constant(1.0 - cfg.qk_norm_offset)
+    s["q_norm"] = P.ParamSpec((n, h), ("heads", "head_dim"), gain)
+    s["k_norm"] = P.ParamSpec((k, h), ("kv_heads", "head_dim"), gain)
   return s
 
 
-def _qk_normalize(x_btnh, scale, mode, eps):
+def _qk_normalize(x_btnh, scale, mode, eps, offset=0.0):
+  scale = offset + scale.astype(jnp.float32)
   if mode == "head":
-    y = norms.rms_normalize(x_btnh, eps) * scale.astype(jnp.float32)
+    y = norms.rms_normalize(x_btnh, eps) * scale
   else:  # "full": one statistic over every head of the token
     b, t, n, h = x_btnh.shape
     y = norms.rms_normalize(x_btnh.reshape(b, t, n * h), eps).reshape(b, t, n, h)
-    y = y * scale.astype(jnp.float32)
+    y = y * scale
   return y.astype(x_btnh.dtype)
 
 
@@ -138,8 +141,8 @@ def project_qkv(params, x_btd, cfg: AttentionConfig, positions_bt, layer_idx=0):
   if "bq" in params:
     q, k, v = q + params["bq"], k + params["bk"], v + params["bv"]
   if cfg.qk_norm != "none":
-    q = _qk_normalize(q, params["q_norm"], cfg.qk_norm, cfg.qk_norm_eps)
-    k = _qk_normalize(k, params["k_norm"], cfg.qk_norm, cfg.qk_norm_eps)
+    q = _qk_normalize(q, params["q_norm"], cfg.qk_norm, cfg.qk_norm_eps, cfg.qk_norm_offset)
+    k = _qk_normalize(k, params["k_norm"], cfg.qk_norm, cfg.qk_norm_eps, cfg.qk_norm_offset)
   if cfg.rope:
     theta = cfg.layer_rope_theta(layer_idx)
     q = rope_lib.apply_rope(q, positions_bt, theta, cfg.rotary_fraction)

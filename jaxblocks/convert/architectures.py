@@ -180,7 +180,7 @@ def _linear_in_out(name: str, d_in: int, d_out: int) -> Expr:
 
 
 def _attention(prefix: str, cfg: ModelConfig, names=("q_proj", "k_proj", "v_proj", "o_proj"),
-               qk_norm_offset: float = 0.0) -> dict:
+) -> dict:
   a, d = cfg.attention, cfg.d_model
   n, k, h = a.n_heads, a.kv_heads(), a.dim(d)
   q, kk, v, o = (f"{prefix}.{x}" for x in names)
@@ -199,9 +199,6 @@ def _attention(prefix: str, cfg: ModelConfig, names=("q_proj", "k_proj", "v_proj
   if a.qk_norm == "head":
     out["q_norm"] = Tensor(f"{prefix}.q_norm.weight", (h,))
     out["k_norm"] = Tensor(f"{prefix}.k_norm.weight", (h,))
-    if qk_norm_offset:
-      out["q_norm"], out["k_norm"] = (out["q_norm"].plus(qk_norm_offset),
-                                      out["k_norm"].plus(qk_norm_offset))
   elif a.qk_norm == "full":
     out["q_norm"] = Tensor(f"{prefix}.q_norm.weight", (n * h,)).split(0, (n, h))
     out["k_norm"] = Tensor(f"{prefix}.k_norm.weight", (k * h,)).split(0, (k, h))
@@ -406,6 +403,7 @@ def _gemma_to_config(hf: dict) -> ModelConfig:
           n_heads=int(hf["num_attention_heads"]),
           n_kv_heads=int(hf.get("num_key_value_heads") or hf["num_attention_heads"]),
           head_dim=head_dim, qk_norm="head" if gemma3 else "none", qk_norm_eps=eps,
+          qk_norm_offset=1.0 if gemma3 else 0.0,
           rope_theta=rope_full["theta"],
           rope_theta_local=(rope_local["theta"] if gemma3 and window is not None
                             and rope_local["theta"] != rope_full["theta"] else None),
@@ -444,7 +442,7 @@ def _gemma_layout(cfg: ModelConfig):
   def layer(l):
     p = f"model.layers.{l}"
     return {"attn_norm": _norm(f"{p}.input_layernorm", cfg),
-            "attn": _attention(f"{p}.self_attn", cfg, qk_norm_offset=1.0),
+            "attn": _attention(f"{p}.self_attn", cfg),
             "attn_out_norm": _norm(f"{p}.post_attention_layernorm", cfg),
             "mlp_norm": _norm(f"{p}.pre_feedforward_layernorm", cfg),
             "mlp": _gated_mlp(f"{p}.mlp", cfg),
