@@ -139,19 +139,25 @@ def _rope_parameters(theta: float, fraction: float = 1.0) -> dict:
   return p
 
 
+RUNTIME_FIELDS = ("scan_layers", "remat", "remat_save", "dtype", "param_dtype", "init_std")
+
+
+def config_differences(want: ModelConfig, got: ModelConfig) -> list[tuple[str, Any, Any]]:
+  """``(key, want, got)`` for every model key that changes the function computed (runtime-only
+  fields — scan/remat/dtypes/init/kernel impls — are ignored)."""
+  a, b = _flat(want.to_dict()), _flat(got.to_dict())
+  return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+          if k.split(".")[0] not in RUNTIME_FIELDS and not k.endswith(".impl")
+          and a.get(k) != b.get(k)]
+
+
 def _check_expressible(arch_name: str, cfg: ModelConfig, hf: dict,
                        to_config: Callable[[dict], ModelConfig]) -> dict:
   """Export guard: ``cfg`` must equal what importing ``hf`` gives (runtime-only fields aside)."""
-  runtime = {"scan_layers", "remat", "remat_save", "dtype", "param_dtype", "init_std"}
-  back = to_config(hf)
-  got, want = _flat(back.to_dict()), _flat(cfg.to_dict())
-  diff = sorted(k for k in set(got) | set(want)
-                if k.split(".")[0] not in runtime and not k.endswith(".impl")
-                and got.get(k) != want.get(k))
+  diff = config_differences(cfg, to_config(hf))
   if diff:
     raise UnsupportedError(f"the model is not expressible as {arch_name}: "
-                           + ", ".join(f"model.{k}={want.get(k)!r} (expressible: {got.get(k)!r})"
-                                       for k in diff))
+                           + ", ".join(f"model.{k}={w!r} (expressible: {g!r})" for k, w, g in diff))
   return hf
 
 

@@ -91,6 +91,33 @@ def _place(expr: Expr, spec: P.ParamSpec, reader, sharding, dtype):
   return jax.make_array_from_callback(shape, sharding, read)
 
 
+def inspect(model_dir: str) -> tuple[ModelConfig, str]:
+  """``(model config, architecture)`` of a checkpoint, after checking every tensor's presence and
+  shape (metadata only; no weights are read)."""
+  hf = read_config(model_dir)
+  arch = architectures.for_config(hf)
+  cfg = arch.to_config(hf).validate()
+  _check_layout(arch.layout(cfg), model_lib.specs(cfg), SafetensorsReader(model_dir), arch.name)
+  return cfg, arch.name
+
+
+def load_params(model_dir: str, cfg: ModelConfig, mesh=None, rules=None):
+  """The params of checkpoint ``model_dir`` for a model configured as ``cfg`` (e.g. a training
+  config's ``model`` section): the checkpoint's architecture must compute the same function
+  (scan/remat/dtype settings may differ); ``cfg.param_dtype`` is used. Raises ``ConfigError``
+  naming every differing key."""
+  from jaxblocks.errors import ConfigError
+  hf = read_config(model_dir)
+  imported_cfg = architectures.for_config(hf).to_config(hf)
+  diff = architectures.config_differences(cfg, imported_cfg)
+  if diff:
+    raise ConfigError("train.init_from", f"{model_dir} does not match the model config: "
+                      + ", ".join(f"model.{k}={w!r} but the checkpoint has {g!r}"
+                                  for k, w, g in diff)
+                      + " (jaxblocks-convert import prints the matching model section)")
+  return load(model_dir, mesh, rules, param_dtype=cfg.param_dtype).params
+
+
 def load(model_dir: str, mesh: jax.sharding.Mesh | None = None, rules=None,
          param_dtype: str | None = None) -> HFModel:
   """Import a local Hugging Face model directory (``config.json`` + safetensors).
@@ -154,4 +181,4 @@ def save(hf_model: HFModel, out_dir: str, dtype: str = "float32",
   return files
 
 
-__all__ = ["HFModel", "load", "save", "CheckpointError", "UnsupportedError"]
+__all__ = ["HFModel", "inspect", "load", "load_params", "save", "CheckpointError", "UnsupportedError"]

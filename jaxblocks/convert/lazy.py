@@ -2,8 +2,7 @@
 in a Hugging Face checkpoint, used in both directions.
 
 An expression is built from :class:`Tensor` leaves (a named tensor of a safetensors checkpoint)
-and layout operations (transpose, split an axis in two, slice, pick, stack per layer, add a
-constant). Import calls :meth:`Expr.read` with the index of one device's shard, which reads only
+and layout operations (transpose, split an axis in two, slice, pick, stack per layer). Import calls :meth:`Expr.read` with the index of one device's shard, which reads only
 that part of the file (``safe_open(...).get_slice``); export calls :meth:`Expr.write` with the
 full parameter, which scatters it back into the checkpoint tensors it came from.
 
@@ -74,9 +73,6 @@ class Expr:
 
   def pick(self, axis: int, i: int) -> "Expr":
     return Pick(self, axis, i)
-
-  def plus(self, constant: float) -> "Expr":
-    return Offset(self, constant)
 
 
 class Tensor(Expr):
@@ -199,25 +195,6 @@ class Pick(Expr):
   def write(self, sink, value, index=None):
     self.parent.write(sink, np.expand_dims(value, self.axis),
                       self._parent_index(index or full_index(self.shape)))
-
-  def leaves(self):
-    return self.parent.leaves()
-
-
-class Offset(Expr):
-  """``parent + constant`` (Gemma's ``(1 + w)`` gains where jaxblocks stores the gain itself),
-  computed in float32."""
-
-  def __init__(self, parent: Expr, constant: float):
-    self.parent, self.constant, self.shape = parent, float(constant), parent.shape
-
-  def read(self, source, index=None):
-    x = self.parent.read(source, index)
-    return (x.astype(np.float32) + np.float32(self.constant)).astype(x.dtype)
-
-  def write(self, sink, value, index=None):
-    self.parent.write(sink, (value.astype(np.float32) - np.float32(self.constant)).astype(
-        value.dtype), index)
 
   def leaves(self):
     return self.parent.leaves()
