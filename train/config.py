@@ -45,6 +45,9 @@ class RunConfig:
   z_loss: weight of the ``logsumexp(logits)**2`` auxiliary loss (0 disables).
   on_nonfinite: ``stop`` (default) ends the run with an error at a NaN/Inf loss or gradient;
     ``skip`` drops that update and goes on (at most ``max_skipped_steps`` in a row).
+  init_from: a Hugging Face model directory (config.json + safetensors) whose weights start the
+    run instead of a random init (fine-tuning); ``model`` must describe the same architecture
+    (``jaxblocks-convert import DIR`` prints that model section). Ignored when resuming.
   """
 
   steps: int = 1000
@@ -60,6 +63,7 @@ class RunConfig:
   z_loss: float = 0.0
   on_nonfinite: str = "stop"
   max_skipped_steps: int = 10
+  init_from: str | None = None
 
   def validate(self, prefix: str = "train") -> "RunConfig":
     check_int(f"{prefix}.steps", self.steps, minimum=1)
@@ -76,6 +80,8 @@ class RunConfig:
     check_positive(f"{prefix}.z_loss", self.z_loss, allow_zero=True)
     check_choice(f"{prefix}.on_nonfinite", self.on_nonfinite, NONFINITE_ACTIONS)
     check_int(f"{prefix}.max_skipped_steps", self.max_skipped_steps, minimum=1)
+    if self.init_from is not None and not (isinstance(self.init_from, str) and self.init_from):
+      raise ConfigError(f"{prefix}.init_from", "must be a Hugging Face model directory or null")
     return self
 
 

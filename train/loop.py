@@ -204,7 +204,12 @@ def run(cfg: Config, stream=None) -> dict[str, Any]:
     start = 0
     rng = jax.random.key(cfg.train.seed)
     init_key, rng = jax.random.split(rng)
-    params = jb_model.init(cfg.model, init_key, mesh, rules)
+    if cfg.train.init_from:
+      from jaxblocks.convert import hf as hf_convert
+      params = hf_convert.load_params(cfg.train.init_from, cfg.model, mesh, rules)
+      reporter.print(f"initialised from {cfg.train.init_from}")
+    else:
+      params = jb_model.init(cfg.model, init_key, mesh, rules)
     state = {"params": params,
              "opt_state": jax.jit(optimizer.init, out_shardings=opt_sh)(params),
              "model_state": jax.device_put(model_state0, model_state_sh)}

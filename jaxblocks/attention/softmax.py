@@ -111,37 +111,42 @@ def specs(d_model: int, cfg: AttentionConfig, init_std: float = 0.02, out_std: f
   if cfg.out_bias:
     s["bo"] = P.ParamSpec((d_model,), ("embed",), P.zeros)
   if cfg.qk_norm == "head":
-    s["q_norm"] = P.ParamSpec((h,), ("head_dim",), P.ones)
-    s["k_norm"] = P.ParamSpec((h,), ("head_dim",), P.ones)
+    gain = P.constant(1.0 - cfg.qk_norm_offset)
+    s["q_norm"] = P.ParamSpec((h,), ("head_dim",), gain)
+    s["k_norm"] = P.ParamSpec((h,), ("head_dim",), gain)
   elif cfg.qk_norm == "full":
-    s["q_norm"] = P.ParamSpec((n, h), ("heads", "head_dim"), P.ones)
-    s["k_norm"] = P.ParamSpec((k, h), ("kv_heads", "head_dim"), P.ones)
+    gain = P.constant(1.0 - cfg.qk_norm_offset)
+    s["q_norm"] = P.ParamSpec((n, h), ("heads", "head_dim"), gain)
+    s["k_norm"] = P.ParamSpec((k, h), ("kv_heads", "head_dim"), gain)
   return s
 
 
-def _qk_normalize(x_btnh, scale, mode, eps):
+def _qk_normalize(x_btnh, scale, mode, eps, offset=0.0):
+  scale = offset + scale.astype(jnp.float32)
   if mode == "head":
-    y = norms.rms_normalize(x_btnh, eps) * scale.astype(jnp.float32)
+    y = norms.rms_normalize(x_btnh, eps) * scale
   else:  # "full": one statistic over every head of the token
     b, t, n, h = x_btnh.shape
     y = norms.rms_normalize(x_btnh.reshape(b, t, n * h), eps).reshape(b, t, n, h)
-    y = y * scale.astype(jnp.float32)
+    y = y * scale
   return y.astype(x_btnh.dtype)
 
 
-def project_qkv(params, x_btd, cfg: AttentionConfig, positions_bt):
-  """Queries, keys and values after biases, QK-norm and RoPE."""
+def project_qkv(params, x_btd, cfg: AttentionConfig, positions_bt, layer_idx=0):
+  """Queries, keys and values after biases, QK-norm and RoPE (``layer_idx`` picks the RoPE theta
+  when it differs per layer, see ``AttentionConfig.layer_rope_theta``)."""
   q = jnp.einsum("btd,dnh->btnh", x_btd, params["wq"])
   k = jnp.einsum("btd,dkh->btkh", x_btd, params["wk"])
   v = jnp.einsum("btd,dkh->btkh", x_btd, params["wv"])
   if "bq" in params:
     q, k, v = q + params["bq"], k + params["bk"], v + params["bv"]
   if cfg.qk_norm != "none":
-    q = _qk_normalize(q, params["q_norm"], cfg.qk_norm, cfg.qk_norm_eps)
-    k = _qk_normalize(k, params["k_norm"], cfg.qk_norm, cfg.qk_norm_eps)
+    q = _qk_normalize(q, params["q_norm"], cfg.qk_norm, cfg.qk_norm_eps, cfg.qk_norm_offset)
+    k = _qk_normalize(k, params["k_norm"], cfg.qk_norm, cfg.qk_norm_eps, cfg.qk_norm_offset)
   if cfg.rope:
-    q = rope_lib.apply_rope(q, positions_bt, cfg.rope_theta, cfg.rotary_fraction)
-    k = rope_lib.apply_rope(k, positions_bt, cfg.rope_theta, cfg.rotary_fraction)
+    theta = cfg.layer_rope_theta(layer_idx)
+    q = rope_lib.apply_rope(q, positions_bt, theta, cfg.rotary_fraction)
+    k = rope_lib.apply_rope(k, positions_bt, theta, cfg.rotary_fraction)
   q = sharding.constrain(q, ("batch", "seq", "heads", "head_dim"))
   k = sharding.constrain(k, ("batch", "seq", "kv_heads", "head_dim"))
   v = sharding.constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
@@ -160,11 +165,15 @@ def apply(params, x_btd, cfg: AttentionConfig, ctx: Context, cache=None):
   ``ctx.cache_index`` and the queries attend over the whole cache."""
   if x_btd.ndim != 3:
     raise ValueError(f"softmax attention: expected x of shape [batch, time, d], got {x_btd.shape}")
-  q, k, v = project_qkv(params, x_btd, cfg, ctx.positions)
+  q, k, v = project_qkv(params, x_btd, cfg, ctx.positions, ctx.layer_idx)
+  window = cfg.layer_window(ctx.layer_idx)
+  impl = cfg.impl
+  if impl == "auto" and cfg.softcap is None and window is not None and not isinstance(window, int):
+    impl = "xla"  # a traced per-layer window is a mask, not cuDNN's static window
   if cache is None:
     o = attend(q, k, v, q_positions_bt=ctx.positions, k_positions_bs=ctx.positions,
                q_segment_ids=ctx.segment_ids, k_segment_ids=ctx.segment_ids,
-               window=cfg.sliding_window, softcap=cfg.softcap, scale=cfg.scale, impl=cfg.impl)
+               window=window, softcap=cfg.softcap, scale=cfg.scale, impl=impl)
     new_cache = None
   else:
     idx = ctx.cache_index
@@ -174,7 +183,7 @@ def apply(params, x_btd, cfg: AttentionConfig, ctx: Context, cache=None):
     k_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     k_valid = k_pos < idx + x_btd.shape[1]
     o = attend(q, ck.astype(q.dtype), cv.astype(q.dtype), q_positions_bt=ctx.positions,
-               k_positions_bs=k_pos, k_valid_bs=k_valid, window=cfg.sliding_window,
+               k_positions_bs=k_pos, k_valid_bs=k_valid, window=window,
                softcap=cfg.softcap, scale=cfg.scale,
                impl="reference" if cfg.impl == "auto" else cfg.impl, has_cache=True)
     new_cache = {"k": ck, "v": cv}

@@ -15,7 +15,7 @@ from jaxblocks import diagnostics, model
 from jaxblocks.blocks import BlockConfig
 from jaxblocks.config import ModelConfig
 from jaxblocks.norms import NormConfig
-from model_factory import random_params
+from tests.norms.model_factory import random_params
 
 CFG = ModelConfig(vocab_size=64, d_model=16, n_layers=2, max_seq_len=32,
                   norm=NormConfig(kind="rmsnorm"), block=BlockConfig(topology="pre"))

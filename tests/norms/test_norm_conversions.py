@@ -18,7 +18,7 @@ from jaxblocks.mlp import MlpConfig
 from jaxblocks.norms import NormConfig
 from jaxblocks.tricks import flashnorm, prepbn_fold, rmsnorm_conversion
 from jaxblocks.tricks.folding import ConversionError
-from model_factory import random_params
+from tests.norms.model_factory import random_params
 
 apply_jit = jax.jit(model.apply, static_argnames=("cfg",))
 hidden_jit = jax.jit(model.hidden_states, static_argnames=("cfg",))

@@ -13,7 +13,7 @@ from jaxblocks.blocks import BlockConfig
 from jaxblocks.config import ModelConfig
 from jaxblocks.errors import ConfigError
 from jaxblocks.norms import NormConfig
-from model_factory import random_params
+from tests.norms.model_factory import random_params
 
 TOKENS = jax.random.randint(jax.random.key(5), (2, 8), 0, 32)
 
