@@ -9,7 +9,7 @@ NNX modules over the same functions::
     logits = jb.model.apply(params, tokens, cfg)
 """
 
-from jaxblocks import attention, blocks, mlp, model, norms, params, rope, sharding
+from jaxblocks import attention, blocks, mlp, model, nnx, norms, params, rope, sharding
 from jaxblocks.attention.base import AttentionConfig
 from jaxblocks.blocks import BlockConfig
 from jaxblocks.config import ModelConfig
@@ -25,5 +25,5 @@ __version__ = "0.1.0"
 __all__ = [
     "AttentionConfig", "BlockConfig", "ConfigError", "Context", "MlpConfig", "ModelConfig",
     "NormConfig", "PRESETS", "ParamSpec", "Rules", "attention", "blocks", "constrain",
-    "make_mesh", "mlp", "model", "norms", "params", "rope", "sharding", "use_rules",
+    "make_mesh", "mlp", "model", "nnx", "norms", "params", "rope", "sharding", "use_rules",
 ]

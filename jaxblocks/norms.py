@@ -38,10 +38,12 @@ class NormConfig:
   scale: bool = True
   bias: bool = False
   scale_offset: float = 0.0
+  impl: str = "xla"
 
   def validate(self, prefix: str = "norm") -> None:
     check_choice(f"{prefix}.kind", self.kind, sorted(NORMS))
     check_positive(f"{prefix}.eps", self.eps, allow_zero=True)
+    check_choice(f"{prefix}.impl", self.impl, NORM_IMPLS)
     if self.bias and not NORMS[self.kind].supports_bias:
       raise ConfigError(f"{prefix}.bias", f"norm kind '{self.kind}' has no bias")
 
@@ -54,6 +56,7 @@ class NormDef:
 
 
 NORMS: dict[str, NormDef] = {}
+NORM_IMPLS = ("xla", "auto", "pallas")
 
 
 def register(name: str, specs, apply, supports_bias: bool = True) -> None:
@@ -109,11 +112,21 @@ def layer_normalize(x: jax.Array, eps: float) -> jax.Array:
 # ----------------------------------------------------------------------------- the norms
 
 
+def _kernel_norm(params, x, cfg, kind):
+  from jaxblocks.kernels.norm import api as norm_kernels  # the kernels build on this module
+  return norm_kernels.norm(x, params.get("scale"), params.get("bias"), kind=kind, eps=cfg.eps,
+                           scale_offset=cfg.scale_offset, impl=cfg.impl)
+
+
 def _rmsnorm(params, x, cfg):
+  if cfg.impl != "xla":
+    return _kernel_norm(params, x, cfg, "rms")
   return apply_affine(params, rms_normalize(x, cfg.eps), cfg).astype(x.dtype)
 
 
 def _layernorm(params, x, cfg):
+  if cfg.impl != "xla":
+    return _kernel_norm(params, x, cfg, "layer")
   return apply_affine(params, layer_normalize(x, cfg.eps), cfg).astype(x.dtype)
 
 
