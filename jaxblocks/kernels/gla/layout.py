@@ -80,7 +80,10 @@ class _Plan:
 def plan(cfg: KernelConfig, q, v, log_g, has_segments: bool) -> _Plan:
   _, t, h, kd = q.shape
   hk, vd = v.shape[2], v.shape[3]
-  c_len = min(cfg.chunk_size, -(-t // cfg.sub_chunk) * cfg.sub_chunk)
+  if cfg.backend == "gpu":  # Triton tiles: a power-of-two chunk
+    c_len = min(cfg.chunk_size, 1 << (max(t, cfg.sub_chunk) - 1).bit_length())
+  else:
+    c_len = min(cfg.chunk_size, -(-t // cfg.sub_chunk) * cfg.sub_chunk)
   n = -(-t // c_len)
   kp, vp = (_pow2(kd), _pow2(vd)) if cfg.backend == "gpu" else (kd, vd)
   block_v = cfg.block_v or default_block_v(cfg.backend, vp)
