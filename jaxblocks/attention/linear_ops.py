@@ -66,11 +66,11 @@ def _check(name, q, k, v, log_g, initial_state, segment_ids):
     raise ValueError(f"{name}: k shape {k.shape} incompatible with q shape {q.shape} (need "
                      f"[{b}, {t}, kv_heads, {kd}])")
   hk = k.shape[2]
+  if h % hk:
+    raise ValueError(f"{name}: query heads {h} not divisible by key/value heads {hk}")
   if v.shape[:3] != (b, t, hk):
     raise ValueError(f"{name}: v shape {v.shape} incompatible with k shape {k.shape} (need "
                      f"[{b}, {t}, {hk}, value_dim])")
-  if h % hk:
-    raise ValueError(f"{name}: query heads {h} not divisible by key/value heads {hk}")
   for arr, what in ((q, "q"), (k, "k"), (v, "v")):
     if not jnp.issubdtype(arr.dtype, jnp.floating):
       raise ValueError(f"{name}: {what} must be floating point, got dtype {arr.dtype}")
@@ -253,30 +253,36 @@ def _intra_vector(q, k, cum, mask, sub_chunk):
   Sub-chunk ``s`` of the queries against sub-chunk ``r < s`` of the keys is one matmul of
   ``q ⊙ exp(b − b_ref[s])`` and ``k ⊙ exp(b_ref[s] − b)``, ``b_ref[s]`` being the cumulative gate
   at the last position before sub-chunk ``s`` (both exponents ≤ 0). Diagonal sub-blocks
-  (``r == s``) use the exact ``[c, c, K]`` tensor ``exp(b_i − b_j)``."""
+  (``r == s``) use the exact ``[c, c, K]`` tensor ``exp(b_i − b_j)``.
+
+  q ``[B, N, C, Hk, G, K]``, k and cum ``[B, N, C, Hk, K]``, mask ``[B, N, C, C]`` →
+  ``[B, N, Hk, G, C, C]``. (Batch, chunk and head are folded into one axis so that no
+  intermediate exceeds rank 6: jaxlib 0.10.2's CPU backend crashes on some rank-7 fusions.)
+  """
   bsz, n, c_len, hk, g, kd = q.shape
   ns, cs = c_len // sub_chunk, sub_chunk
-  qs = q.reshape(bsz, n, ns, cs, hk, g, kd)
-  ks = k.reshape(bsz, n, ns, cs, hk, kd)
-  bs = cum.reshape(bsz, n, ns, cs, hk, kd)
+  m = bsz * n * hk
+  qs = jnp.moveaxis(q, 3, 2).reshape(m, ns, cs, g, kd)
+  ks = jnp.moveaxis(k, 3, 2).reshape(m, ns, cs, kd)
+  bs = jnp.moveaxis(cum, 3, 2).reshape(m, ns, cs, kd)
   # Diagonal sub-blocks.
   tri = jnp.tril(jnp.ones((cs, cs), bool))
-  diff = bs[:, :, :, :, None] - bs[:, :, :, None, :]  # [B, N, S, i, j, Hk, K]
-  decay = _masked_exp(diff, tri[:, :, None, None])
-  diag = jnp.einsum("bnsihgk,bnsjhk,bnsijhk->bnhgsij", qs, ks, decay)
+  diff = bs[:, :, :, None] - bs[:, :, None, :]  # [M, S, i, j, K]
+  decay = _masked_exp(diff, tri[:, :, None])
+  diag = jnp.einsum("msigk,msjk,msijk->mgsij", qs, ks, decay)
   # Off-diagonal sub-blocks.
-  b_ref = jnp.concatenate([jnp.zeros_like(bs[:, :, :1, -1]), bs[:, :, :-1, -1]], axis=2)
-  q_ref = qs * jnp.exp(bs - b_ref[:, :, :, None])[:, :, :, :, :, None]
+  b_ref = jnp.concatenate([jnp.zeros_like(bs[:, :1, -1]), bs[:, :-1, -1]], axis=1)  # [M, S, K]
+  q_ref = qs * jnp.exp(bs - b_ref[:, :, None])[:, :, :, None]
   lower = jnp.arange(ns)[None, :] < jnp.arange(ns)[:, None]  # [s, r]: r < s
-  k_exp = jnp.where(lower[:, :, None, None, None],
-                    b_ref[:, :, :, None, None] - bs[:, :, None], 0.0)  # [B, N, s, r, j, Hk, K]
-  k_ref = ks[:, :, None] * jnp.exp(k_exp)
-  off = jnp.einsum("bnsihgk,bnsrjhk->bnhgsirj", q_ref, k_ref)
+  k_exp = jnp.where(lower[:, :, None, None], b_ref[:, :, None, None] - bs[:, None], 0.0)
+  k_ref = ks[:, None] * jnp.exp(k_exp)  # [M, s, r, j, K]
+  off = jnp.einsum("msigk,msrjk->mgsirj", q_ref, k_ref)
   eye = jnp.eye(ns, dtype=bool)
-  scores = jnp.where(eye[:, None, :, None], diag[:, :, :, :, :, :, None, :],
-                     jnp.where(lower[:, None, :, None], off, 0.0))
-  scores = scores.reshape(bsz, n, hk, g, c_len, c_len)
-  return jnp.where(mask[:, :, None, None], scores, 0.0)
+  scores = jnp.where(eye[:, None, :, None], diag[:, :, :, :, None, :],
+                     jnp.where(lower[:, None, :, None], off, 0.0))  # [M, G, s, i, r, j]
+  scores = scores.reshape(bsz * n, hk, g, c_len, c_len)
+  scores = jnp.where(mask.reshape(bsz * n, 1, 1, c_len, c_len), scores, 0.0)
+  return scores.reshape(bsz, n, hk, g, c_len, c_len)
 
 
 def chunk_gla(q, k, v, log_g=None, *, initial_state=None, chunk_size: int = 64,
