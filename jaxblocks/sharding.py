@@ -82,6 +82,10 @@ PRESETS: dict[str, Rules] = {
                       "kv_heads": "tensor", "mlp": "tensor", "vocab": "tensor"}),
     # Sequence (context) parallel: activations split along time, weights FSDP-sharded.
     "sp": Rules({"batch": ("data", "fsdp"), "seq": "sequence", "embed": "fsdp"}),
+    # Context parallel for long sequences: time split over sequence, heads over tensor, weights
+    # FSDP-sharded. Linear-attention kernels exchange their states across the sequence axis.
+    "cp": Rules({"batch": ("data", "fsdp"), "seq": "sequence", "embed": "fsdp",
+                 "heads": "tensor", "kv_heads": "tensor"}),
 }
 
 

@@ -10,6 +10,8 @@ form: operator form for full-sequence calls — ``chunk`` (linear in T, default)
 chunk_size / sub_chunk: chunkwise-form chunk (default 64) and secondary chunk (default 16).
 short_conv / conv_size: causal depthwise convolution (kernel ``conv_size``, SiLU) on the q, k, v
   projections, as in modern linear-attention models.
+impl: how the chunkwise form runs — ``auto`` (Pallas kernel on TPU/GPU, XLA on CPU), ``xla`` or
+  ``pallas`` (see :mod:`jaxblocks.kernels.gla.api`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import dataclasses
 from jaxblocks.errors import check_choice, check_int, check_positive, ConfigError
 
 FORMS = ("chunk", "parallel", "recurrent")
+IMPLS = ("auto", "xla", "pallas")
 FEATURE_MAPS = ("elu1", "relu", "identity")
 
 
@@ -29,9 +32,11 @@ class LinearCommonConfig:
   sub_chunk: int = 16
   short_conv: bool = False
   conv_size: int = 4
+  impl: str = "auto"
 
   def validate(self, prefix: str) -> None:
     check_choice(f"{prefix}.form", self.form, FORMS)
+    check_choice(f"{prefix}.impl", self.impl, IMPLS)
     check_int(f"{prefix}.chunk_size", self.chunk_size, minimum=1)
     check_int(f"{prefix}.sub_chunk", self.sub_chunk, minimum=1)
     if self.chunk_size % self.sub_chunk:

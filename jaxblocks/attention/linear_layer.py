@@ -48,11 +48,22 @@ def maybe_short_conv(params, q, k, v, common: LinearCommonConfig, ctx: Context, 
 
 
 def mix(q, k, v, log_g, common: LinearCommonConfig, ctx: Context, cache, scale):
-  """Run the operator: ``(o, new_state)`` (new_state None without a cache)."""
+  """Run the operator: ``(o, new_state)`` (new_state None without a cache). Multi-token chunkwise
+  calls go through :func:`jaxblocks.kernels.gla.api.chunk_gla` with ``common.impl``."""
+  from jaxblocks.kernels.gla import api as gla_kernels  # deferred: the kernels import this package
+
+  chunked = dict(scale=scale, chunk_size=common.chunk_size, sub_chunk=common.sub_chunk,
+                 impl=common.impl)
   if cache is None:
-    o, _ = linear_ops.run(common.form, q, k, v, log_g, scale=scale, segment_ids=ctx.segment_ids,
-                          chunk_size=common.chunk_size, sub_chunk=common.sub_chunk)
+    if common.form == "chunk" and q.shape[1] > 1:
+      o, _ = gla_kernels.chunk_gla(q, k, v, log_g, segment_ids=ctx.segment_ids, **chunked)
+    else:
+      o, _ = linear_ops.run(common.form, q, k, v, log_g, scale=scale,
+                            segment_ids=ctx.segment_ids, chunk_size=common.chunk_size,
+                            sub_chunk=common.sub_chunk)
     return o, None
+  if q.shape[1] > 1:
+    return gla_kernels.chunk_gla(q, k, v, log_g, initial_state=cache["state"], **chunked)
   o, state = linear_ops.run("chunk", q, k, v, log_g, initial_state=cache["state"], scale=scale,
                             chunk_size=common.chunk_size, sub_chunk=common.sub_chunk)
   return o, state
