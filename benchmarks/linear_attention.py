@@ -28,29 +28,34 @@ from jaxblocks.attention import linear_ops
 def parse_args():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--tokens", type=int, default=16384, help="batch × T, fixed for every length")
-  p.add_argument("--lengths", default="512,1024,2048,4096,8192,16384",
+  p.add_argument("--lengths", default="128,256,512,1024,2048,4096,8192,16384",
                  help="comma-separated sequence lengths (each must divide --tokens)")
   p.add_argument("--heads", type=int, default=2)
   p.add_argument("--head-dim", type=int, default=32, help="key/query/value width per head")
   p.add_argument("--chunk-size", type=int, default=64)
   p.add_argument("--sub-chunk", type=int, default=16)
-  p.add_argument("--softmax-max-len", type=int, default=16384,
+  p.add_argument("--softmax-max-len", type=int, default=8192,
                  help="skip softmax above this length (its [T, T] logits need memory)")
-  p.add_argument("--repeats", type=int, default=3, help="timed runs per point (minimum is kept)")
+  p.add_argument("--min-time", type=float, default=3.0,
+                 help="keep timing a point until this many seconds are spent (minimum is kept; "
+                 "many samples filter out load from other processes)")
+  p.add_argument("--max-repeats", type=int, default=25, help="at most this many timed runs")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/"
                  "linear_attention_<backend>.json); the PNG goes next to it")
   return p.parse_args()
 
 
-def time_fn(fn, args, repeats):
-  """Compile, then the minimum wall time of ``repeats`` calls (seconds)."""
+def time_fn(fn, args, min_time, max_repeats):
+  """Compile, then the minimum wall time (seconds) over timed calls, repeated until ``min_time``
+  seconds are spent or ``max_repeats`` calls are made (at least one)."""
   jax.block_until_ready(fn(*args))
-  best = math.inf
-  for _ in range(repeats):
+  best, spent, n = math.inf, 0.0, 0
+  while n < max(1, max_repeats) and (n == 0 or spent < min_time):
     t0 = time.perf_counter()
     jax.block_until_ready(fn(*args))
-    best = min(best, time.perf_counter() - t0)
+    elapsed = time.perf_counter() - t0
+    best, spent, n = min(best, elapsed), spent + elapsed, n + 1
   return best
 
 
@@ -149,7 +154,7 @@ def main():
       if kind == "softmax" and t > args.softmax_max_len:
         row[kind][mode] = None
         continue
-      row[kind][mode] = time_fn(fn, (q, k, v, log_g), args.repeats)
+      row[kind][mode] = time_fn(fn, (q, k, v, log_g), args.min_time, args.max_repeats)
     rows.append(row)
     fmt = lambda s: "     skip" if s is None else f"{s * 1e3:8.1f}ms"
     print(f"{t:>6} {b:>5} | {fmt(row['gla']['fwd'])} {fmt(row['gla']['fwd+bwd'])} | "
@@ -179,7 +184,8 @@ def main():
       "benchmark": "linear_attention", "backend": backend, "device": device,
       "host": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
       "jax_version": jax.__version__, "config": vars(args), "rows": rows, "summary": summary,
-      "units": "seconds per call (minimum of repeats)",
+      "units": "seconds per call (minimum over repeated calls)",
+      "load_average_1m_at_end": os.getloadavg()[0],
   }
   png = plot(rows, os.path.splitext(out)[0] + ".png",
              f"chunked GLA vs softmax, {device}, batch×T={args.tokens}, H={h}, d={d}")
