@@ -14,6 +14,7 @@ SMALL = ["model.n_layers=1", "data.seq_len=256", "model.max_seq_len=256",
          "data.global_batch_size=256"]
 
 
+@pytest.mark.slow  # minutes per preset on a 2-core CPU host; run with -m slow
 @pytest.mark.parametrize("preset, kernels", [("v5e256_125m_fsdp", True),
                                              ("v6e256_125m_sp", False)])
 def test_tpu_pod_preset_compiles_and_fits(preset, kernels, tmp_path):

@@ -5,6 +5,7 @@ matches one process reading the same global batches."""
 import socket
 
 import numpy as np
+import pytest
 
 from tests.train.trainer_helpers import final_params, losses, run, saved_steps, start
 
@@ -31,6 +32,7 @@ def _launch(n_processes, devices_each, args, workdir):
   return outs
 
 
+@pytest.mark.slow  # 4 processes on 2 cores; the 2-process test in tests/train runs in CI
 def test_four_processes_train_and_checkpoint_then_two_resume(tmp_path):
   ref, multi = tmp_path / "ref", tmp_path / "multi"
   run([*COMMON, "train.steps=6", f"train.workdir={ref}"])
