@@ -11,6 +11,8 @@ Indices are tuples of ``slice`` objects with explicit start/stop and step 1, one
 
 from __future__ import annotations
 
+import abc
+
 from typing import Callable, Protocol, Sequence
 
 import numpy as np
@@ -47,19 +49,22 @@ def _extent(s: slice) -> int:
   return s.stop - s.start
 
 
-class Expr:
-  """A lazily read array of ``shape``."""
+class Expr(abc.ABC):
+  """A lazily read array of ``shape`` (abstract: every node type implements read/write/leaves)."""
 
   shape: tuple[int, ...]
 
+  @abc.abstractmethod
   def read(self, source: TensorSource, index: Index | None = None) -> np.ndarray:
-    raise NotImplementedError
+    ...
 
+  @abc.abstractmethod
   def write(self, sink: Sink, value: np.ndarray, index: Index | None = None) -> None:
-    raise NotImplementedError
+    ...
 
+  @abc.abstractmethod
   def leaves(self) -> list["Tensor"]:
-    raise NotImplementedError
+    ...
 
   # -- building
   def T(self, *perm: int) -> "Expr":  # noqa: N802 (numpy-like)
