@@ -21,6 +21,7 @@ when the step does not fit the chip's memory.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -121,17 +122,33 @@ def resolve_topology(name: str) -> str:
 def tpu_devices(topology: str) -> list:
   """The devices of a TPU topology, for compilation on a machine without TPUs (needs libtpu)."""
   from jax.experimental import topologies
-  # libtpu otherwise looks for a TPU VM's metadata server and warns about it.
-  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-  # Compiling needs no exclusive hold of a TPU: let several compiles (test workers) run at once.
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
-    desc = topologies.get_topology_desc(topology_name=resolve_topology(topology), platform="tpu")
+    with _libtpu_env():
+      desc = topologies.get_topology_desc(topology_name=resolve_topology(topology),
+                                          platform="tpu")
   except (RuntimeError, ValueError) as e:
     hint = "" if _has_libtpu() else " (libtpu is not installed: pip install libtpu)"
     raise RuntimeError(f"cannot build TPU topology {topology!r}: {e}{hint}") from None
   return list(desc.devices)
+
+
+# libtpu otherwise looks for a TPU VM's metadata server and warns about it; compiling needs no
+# exclusive hold of a TPU, so several compiles (test workers) may load libtpu at once.
+_LIBTPU_ENV = {"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost",
+               "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+
+
+@contextlib.contextmanager
+def _libtpu_env():
+  """Sets the variables libtpu reads while it loads, and restores the environment afterwards so
+  that no later child process takes them for a multi-host TPU launch."""
+  added = [k for k in _LIBTPU_ENV if k not in os.environ]
+  os.environ.update({k: _LIBTPU_ENV[k] for k in added})
+  try:
+    yield
+  finally:
+    for k in added:
+      os.environ.pop(k, None)
 
 
 def _has_libtpu() -> bool:

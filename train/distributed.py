@@ -13,6 +13,8 @@ MODES = ("auto", "on", "off")
 # Environment variables that mark a multi-process launcher jax.distributed can read itself.
 _LAUNCHER_HINTS = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_STEP_NUM_TASKS",
                    "OMPI_COMM_WORLD_SIZE", "JAX_COORDINATOR_ADDRESS")
+# Every variable the launcher check reads.
+LAUNCHER_VARS = (*_LAUNCHER_HINTS, "SLURM_NTASKS")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +52,11 @@ def _launcher_detected() -> bool:
     return True
   if os.environ.get("OMPI_COMM_WORLD_SIZE", "1") not in ("", "1"):
     return True
-  return any(os.environ.get(k) for k in _LAUNCHER_HINTS if k not in ("OMPI_COMM_WORLD_SIZE",))
+  hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+  if len(hosts) > 1:  # a single-host TPU VM (or a local libtpu compile) lists one host
+    return True
+  return any(os.environ.get(k) for k in _LAUNCHER_HINTS
+             if k not in ("OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES"))
 
 
 def initialize(cfg: DistributedConfig) -> bool:

@@ -6,6 +6,7 @@ After an intended change, rewrite a snapshot with
 """
 
 import json
+import os
 
 import pytest
 
@@ -26,7 +27,9 @@ def test_shardings_match_golden(preset):
   path = PRESETS / f"{preset}.yaml"
   args, _ = aot._parser().parse_known_args(aot.target_args(str(path)))
   cfg = config_lib.load(str(path))
+  before = dict(os.environ)
   snapshot = json.loads(json.dumps(aot.sharding_snapshot(cfg, aot.tpu_devices(args.topology))))
+  assert dict(os.environ) == before  # libtpu's variables must not leak into later child processes
   golden = json.loads((GOLDEN / f"{preset}.json").read_text())
   assert snapshot["mesh"] == golden["mesh"] and snapshot["rules"] == golden["rules"]
   for part in ("params", "opt_state"):

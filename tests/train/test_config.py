@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from jaxblocks.errors import ConfigError
-from train import cli, config
+from train import cli, config, distributed
 
 
 def test_overrides_and_yaml(tmp_path):
@@ -76,3 +76,19 @@ def test_cli_reports_config_errors(capsys):
   assert cli.main(["optim.lr=fast"]) == 2
   err = capsys.readouterr().err
   assert "optim.lr" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, False),
+    ({"TPU_WORKER_HOSTNAMES": "localhost"}, False),  # one host: a single TPU VM / local compile
+    ({"TPU_WORKER_HOSTNAMES": "w0,w1"}, True),
+    ({"SLURM_NTASKS": "1"}, False),
+    ({"SLURM_NTASKS": "4"}, True),
+    ({"JAX_COORDINATOR_ADDRESS": "h:1234"}, True),
+])
+def test_launcher_detection(monkeypatch, env, expected):
+  for k in distributed.LAUNCHER_VARS:
+    monkeypatch.delenv(k, raising=False)
+  for k, v in env.items():
+    monkeypatch.setenv(k, v)
+  assert distributed._launcher_detected() is expected

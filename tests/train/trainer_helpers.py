@@ -8,6 +8,8 @@ import time
 
 import numpy as np
 
+from train import distributed
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 TINY = [
@@ -20,6 +22,8 @@ TINY = [
 
 def env(devices: int = 1, cache_dir: str | None = None) -> dict:
   e = dict(os.environ)
+  for k in distributed.LAUNCHER_VARS:  # a child must never take the test run for a launcher
+    e.pop(k, None)
   e["PYTHONPATH"] = str(REPO)
   e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   e["JAX_PLATFORMS"] = "cpu"
