@@ -39,6 +39,14 @@ def specs(cfg: ModelConfig):
     s["embed"]["positions"] = P.ParamSpec((cfg.max_seq_len, d), (None, "embed"),
                                           P.normal(cfg.init_std))
   s["layers"] = [P.stack(blocks.specs(cfg, kind), cfg.repeats) for kind in cfg.attention_pattern]
+  hooks = blocks.stream_hooks(cfg)
+  if hooks is not None and hooks.model_specs(cfg):
+    s["topology"] = hooks.model_specs(cfg)
+  if cfg.layer_tying.unique_layers is not None:
+    _tied_specs(s, cfg)
+  if cfg.precomputed_first_layer:
+    from jaxblocks.tricks import precompute_first_layer
+    precompute_first_layer.adapt_specs(s, cfg)
   if cfg.final_norm:
     s["final_norm"] = norms.specs(d, cfg.norm)
   if not cfg.tie_embeddings:
@@ -57,11 +65,74 @@ def init(cfg: ModelConfig, key: jax.Array, mesh=None, rules=None):
 
 
 def count_params(cfg: ModelConfig, non_embedding: bool = False) -> int:
+  """Number of scalar parameters (tied layers counted once, LoRA deltas included)."""
   s = specs(cfg)
   n = P.count(s)
   if non_embedding:
     n -= P.count(s["embed"])
   return n
+
+
+# ----------------------------------------------------------------------------- layer tying
+#
+# With ``layer_tying.unique_layers = K`` the stacks in ``params["layers"]`` hold K / period sets
+# per pattern position; layer ``l`` uses set ``l % K``. A LoRA relaxation adds
+# ``params["layer_lora"]``: per pattern position, a dict from weight path (e.g. ``attn/wq``) to
+# ``{"a": [repeats, *in, r], "b": [repeats, r, *out]}``, the delta of every layer.
+
+
+def _lora_split(spec: P.ParamSpec) -> int | None:
+  """How many leading axes of a weight are its input (None: not a residual-stream matrix)."""
+  if len(spec.shape) < 2:
+    return None
+  if spec.logical_axes[0] == "embed":
+    return 1
+  if spec.logical_axes[-1] == "embed":
+    return len(spec.shape) - 1
+  return None
+
+
+def _lora_specs(block_specs, rank: int, n: int):
+  out = {}
+  for path, spec in P.flatten_dict(block_specs).items():
+    k = _lora_split(spec)
+    if k is None:
+      continue
+    fan_in = math.prod(spec.shape[:k])
+    out[path] = {
+        "a": P.ParamSpec((*spec.shape[:k], rank), (*spec.logical_axes[:k], None),
+                         P.normal(fan_in ** -0.5)),
+        "b": P.ParamSpec((rank, *spec.shape[k:]), (None, *spec.logical_axes[k:]), P.zeros),
+    }
+  return P.stack(out, n)
+
+
+def _tied_specs(s, cfg: ModelConfig):
+  sets = cfg.layer_tying.unique_layers // cfg.period
+  s["layers"] = [P.stack(blocks.specs(cfg, kind), sets) for kind in cfg.attention_pattern]
+  if cfg.layer_tying.lora_rank:
+    s["layer_lora"] = [_lora_specs(blocks.specs(cfg, kind), cfg.layer_tying.lora_rank,
+                                   cfg.repeats) for kind in cfg.attention_pattern]
+
+
+def _add_lora(block_params, lora):
+  def add(path, w):
+    key = jax.tree_util.keystr(path, simple=True, separator="/")
+    if key not in lora:
+      return w
+    delta = jnp.tensordot(lora[key]["a"], lora[key]["b"], axes=1)
+    return w + delta.astype(w.dtype)
+  return jax.tree_util.tree_map_with_path(add, block_params)
+
+
+def _tied_group(layer_params, layer_lora, r, cfg: ModelConfig):
+  """Block params of repetition ``r`` (traced or int) under layer tying."""
+  sets = cfg.layer_tying.unique_layers // cfg.period
+  pick = lambda a: jax.lax.dynamic_index_in_dim(a, r % sets, 0, keepdims=False)
+  group = jax.tree.map(pick, layer_params)
+  if layer_lora is not None:
+    group = [_add_lora(g, l) for g, l in zip(group, layer_lora)]
+  return group
 
 
 # ----------------------------------------------------------------------------- remat
@@ -89,9 +160,17 @@ def _check_tokens(tokens, cfg: ModelConfig, where: str):
     raise ValueError(f"{where}: tokens must be integers, got dtype {tokens.dtype}")
 
 
-def _run_layers(layer_params, x, cfg: ModelConfig, ctx: Context, layer_caches):
+def _run_layers(layer_params, x, cfg: ModelConfig, ctx: Context, layer_caches, layer_lora=None,
+                repeats=None, layer_offset=0):
+  """Run the stacked layers over ``x`` (an array, or the pytree a topology's stream hooks carry).
+
+  ``repeats``/``layer_offset`` let a model run fewer stacked groups starting at a later layer
+  (the precomputed-first-layer variant); ``layer_lora`` holds per-layer LoRA deltas of tied
+  layers."""
   pattern = cfg.attention_pattern
   period = len(pattern)
+  repeats = cfg.repeats if repeats is None else repeats
+  tied = cfg.layer_tying.unique_layers is not None
 
   def one_block(kind, p, x, layer_idx, cache):
     return blocks.apply(p, x, cfg, ctx.replace(layer_idx=layer_idx), kind, cache)
@@ -101,24 +180,31 @@ def _run_layers(layer_params, x, cfg: ModelConfig, ctx: Context, layer_caches):
   def group(x, group_params, r, group_caches):
     new = []
     for i in range(period):
-      x, c = block_fns[i](group_params[i], x, r * period + i,
+      x, c = block_fns[i](group_params[i], x, layer_offset + r * period + i,
                           None if group_caches is None else group_caches[i])
       new.append(c)
     return x, (None if group_caches is None else new)
 
   if cfg.scan_layers:
     def body(x, xs):
-      gp, r, gc = xs
+      gp, r, gc, gl = xs
+      if tied:
+        gp = _tied_group(layer_params, gl, r, cfg)
       x, new = group(x, gp, r, gc)
       return x, new
 
     x, new_caches = jax.lax.scan(
-        body, x, (layer_params, jnp.arange(cfg.repeats, dtype=jnp.int32), layer_caches))
+        body, x, (None if tied else layer_params, jnp.arange(repeats, dtype=jnp.int32),
+                  layer_caches, layer_lora))
     return x, new_caches
 
   outs = []
-  for r in range(cfg.repeats):
-    gp = jax.tree.map(lambda a: a[r], layer_params)
+  for r in range(repeats):
+    if tied:
+      gl = None if layer_lora is None else jax.tree.map(lambda a: a[r], layer_lora)
+      gp = _tied_group(layer_params, gl, r, cfg)
+    else:
+      gp = jax.tree.map(lambda a: a[r], layer_params)
     gc = None if layer_caches is None else jax.tree.map(lambda a: a[r], layer_caches)
     x, new = group(x, gp, r, gc)
     outs.append(new)
@@ -154,15 +240,32 @@ def head(params, x, cfg: ModelConfig):
 def _forward(params, tokens, cfg: ModelConfig, positions, segment_ids, cache, training,
              return_hidden=False):
   params = P.cast_floating(params, cfg.compute_dtype)
-  x = embed(params, tokens, cfg, positions)
+  hooks = blocks.stream_hooks(cfg)
+  top = params.get("topology", {})
   ctx = Context(positions=positions, segment_ids=segment_ids, n_layers=cfg.n_layers,
-                cache_index=None if cache is None else cache["index"], training=training)
+                cache_index=None if cache is None else cache["index"], training=training,
+                extras=dict(top))
+  new_cache = None if cache is None else {"index": cache["index"] + tokens.shape[1]}
+  run = dict(layer_lora=params.get("layer_lora"))
+  if cfg.precomputed_first_layer:
+    from jaxblocks.tricks import precompute_first_layer
+    x, first_cache = precompute_first_layer.run_first_layer(
+        params, tokens, cfg, ctx.replace(layer_idx=0), None if cache is None else
+        cache["first_layer"])
+    run.update(repeats=cfg.repeats - 1, layer_offset=1)
+    if cache is not None:
+      new_cache["first_layer"] = first_cache
+  else:
+    x = embed(params, tokens, cfg, positions)
+  if hooks is not None:
+    x = hooks.init(top, x, cfg)
   x, new_layers = _run_layers(params["layers"], x, cfg, ctx,
-                              None if cache is None else cache["layers"])
+                              None if cache is None else cache["layers"], **run)
+  if hooks is not None:
+    x = hooks.readout(top, x, cfg)
   out = x if return_hidden else head(params, x, cfg)
-  new_cache = None
   if cache is not None:
-    new_cache = {"index": cache["index"] + tokens.shape[1], "layers": new_layers}
+    new_cache["layers"] = new_layers
   return out, new_cache
 
 
@@ -227,11 +330,16 @@ def segment_positions(segment_ids):
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None):
   """Decoding state for every layer (KV caches, recurrent states), stacked like the params."""
   dtype = cfg.compute_dtype if dtype is None else dtype
+  stacked = cfg.repeats - 1 if cfg.precomputed_first_layer else cfg.repeats
   layers = []
   for kind in cfg.attention_pattern:
     one = attn_base.get(kind).init_cache(batch, max_len, cfg.d_model, cfg.attention, dtype)
-    layers.append(jax.tree.map(lambda a: jnp.broadcast_to(a, (cfg.repeats, *a.shape)), one))
-  return {"index": jnp.zeros((), jnp.int32), "layers": layers}
+    layers.append(jax.tree.map(lambda a: jnp.broadcast_to(a, (stacked, *a.shape)), one))
+  cache = {"index": jnp.zeros((), jnp.int32), "layers": layers}
+  if cfg.precomputed_first_layer:
+    cache["first_layer"] = attn_base.get(cfg.attention_pattern[0]).init_cache(
+        batch, max_len, cfg.d_model, cfg.attention, dtype)
+  return cache
 
 
 def apply_cached(params, tokens, cfg: ModelConfig, cache):
