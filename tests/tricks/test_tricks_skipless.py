@@ -6,7 +6,7 @@ import jaxblocks as jb
 from jaxblocks import model
 from jaxblocks.tricks import skipless
 from tests.helpers import tiny_config, tokens
-from tests.tricks.tricks_helpers import assert_close_rel, cached_logits, perturb
+from tests.tricks.tricks_helpers import apply, init, assert_close_rel, cached_logits, perturb
 
 
 def _cfg(**kw):
@@ -24,7 +24,7 @@ def _cfg(**kw):
 ])
 def test_weight_removal_keeps_logits(kw):
   cfg = _cfg(**kw)
-  params = perturb(model.init(cfg, jax.random.key(0)), jax.random.key(1))
+  params = perturb(init(cfg, jax.random.key(0)), 1)
   new, new_cfg = skipless.convert(params, cfg)
   assert new_cfg.block.topology == "skipless_merged"
   if not cfg.attention.bias:  # W_Q, W_P gone; a tied model gains an explicit head
@@ -32,8 +32,8 @@ def test_weight_removal_keeps_logits(kw):
     assert removed == skipless.weights_removed(cfg) - cfg.vocab_size * cfg.d_model * (
         cfg.tie_embeddings)
   t = tokens()
-  ref = model.apply(params, t, cfg)
-  assert_close_rel(model.apply(new, t, new_cfg), ref, 1e-4)
+  ref = apply(params, t, cfg)
+  assert_close_rel(apply(new, t, new_cfg), ref, 1e-4)
   assert_close_rel(cached_logits(new, new_cfg, t, prompt_len=5), ref, 1e-4)
 
 
@@ -45,7 +45,7 @@ def test_weight_removal_preconditions():
   with pytest.raises(jb.ConfigError, match="head_dim"):
     skipless.check_config(_cfg(attention=jb.AttentionConfig(n_heads=4, head_dim=4)))
   cfg = _cfg()
-  params = model.init(cfg, jax.random.key(0))
+  params = init(cfg, jax.random.key(0))
   params["layers"][0]["attn"]["wq"] = params["layers"][0]["attn"]["wq"].at[1, :, 0, 0].set(0.0)
   with pytest.raises(ValueError, match="layer 1: W_Q has condition number"):
     skipless.convert(params, cfg)
