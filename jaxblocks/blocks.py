@@ -26,7 +26,7 @@ from jaxblocks import norms
 from jaxblocks import sharding
 from jaxblocks.attention import base as attn_base
 from jaxblocks.context import Context
-from jaxblocks.errors import ConfigError, check_choice
+from jaxblocks.errors import ConfigError, check_choice, check_int
 
 if TYPE_CHECKING:
   from jaxblocks.config import ModelConfig
@@ -49,6 +49,14 @@ class BlockConfig:
     (1-based) by ``1/sqrt(l)``; for the ``pre`` and ``parallel`` topologies (the final norm is
     never scaled).
   embed_norm: a norm right after the embedding (Peri-LN's optional embedding norm; any topology).
+
+  Simplified and residual-free blocks (see the sections at the end of this module):
+    ``sas`` / ``sas_p`` (He & Hofmann's simplified blocks; need attention kind ``shaped``),
+    ``skipless`` / ``skipless_merged`` (no residual connections), ``attnres`` /
+    ``attnres_block`` (Attention Residuals: every sublayer reads a learned mix of earlier outputs).
+  sas_beta_ff / sas_beta_sa: initial values of the trainable MLP / attention branch gains of the
+    ``sas`` and ``sas_p`` topologies. sas_first_layer_value: layer 0 of a SAS/SAS-P model keeps a
+    full value matrix. attnres_block_size: sublayers per block of ``attnres_block``.
   """
 
   topology: str = "pre"
@@ -56,9 +64,14 @@ class BlockConfig:
   mix_alpha: float = 0.25
   ln_scaling: bool = False
   embed_norm: bool = False
+  sas_beta_ff: float = 0.1
+  sas_beta_sa: float = 1.0
+  sas_first_layer_value: bool = False
+  attnres_block_size: int = 4
 
   def validate(self, prefix: str = "block") -> None:
     check_choice(f"{prefix}.topology", self.topology, sorted(TOPOLOGIES))
+    check_int(f"{prefix}.attnres_block_size", self.attnres_block_size, minimum=1)
     if not (isinstance(self.mix_alpha, (int, float)) and 0.0 <= self.mix_alpha <= 1.0):
       raise ConfigError(f"{prefix}.mix_alpha", f"must be in [0, 1], got {self.mix_alpha!r}")
     if self.ln_scaling and self.topology not in LN_SCALING_TOPOLOGIES:
@@ -323,3 +336,253 @@ def _parallel_apply(params, x, cfg, ctx, attn_kind, cache):
 
 
 register("parallel", _parallel_specs, _parallel_apply)
+
+
+# ----------------------------------------------------------------------------- model-wide hooks
+#
+# Most topologies carry one d-wide residual stream from layer to layer. A topology may instead
+# register :class:`StreamHooks`: model-wide parameters (stored as ``params["topology"]`` and
+# handed to every layer as ``ctx.extras``), a function turning the embedding into the carried
+# state, and one turning the final state back into ``[batch, time, d]`` before the head. The
+# layer scan carries whatever pytree ``init`` returns; blocks receive and return it.
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamHooks:
+  model_specs: Callable[["ModelConfig"], Any]
+  init: Callable[[Any, jax.Array, "ModelConfig"], Any]
+  readout: Callable[[Any, Any, "ModelConfig"], jax.Array]
+
+
+STREAMS: dict[str, StreamHooks] = {}
+
+
+def stream_hooks(cfg: "ModelConfig") -> StreamHooks | None:
+  """The model-wide hooks of ``cfg``'s topology, or None for a plain residual stream."""
+  return STREAMS.get(cfg.block.topology)
+
+
+def _identity_stream(top_params, x, cfg):
+  del top_params, cfg
+  return x
+
+
+def _scalar(value: float):
+  from jaxblocks import params as P
+  return P.ParamSpec((), (), P.constant(value))
+
+
+# ----------------------------------------------------------------------------- SAS / SAS-P
+#
+# Simplified Transformer Blocks (He & Hofmann, ICLR 2024) with shaped attention (attention kind
+# ``shaped``): ``sas``   X̂ = Attn(Norm X) (no attention skip), X_out = X̂ + β_FF·MLP(Norm X̂);
+#                  ``sas_p`` X_out = β_SA·Attn(Norm X) + β_FF·MLP(Norm X) (no skips at all).
+# β_FF (init ``sas_beta_ff`` = 0.1) and β_SA (init ``sas_beta_sa`` = 1) are trainable; α_FF = 1.
+# Norms follow ``model.norm`` (kind ``none`` gives the norm-free variants).
+
+
+def _check_shaped(cfg, attn_kind):
+  if attn_kind != "shaped":
+    raise ConfigError("model.attention_pattern", f"topology '{cfg.block.topology}' needs shaped "
+                      f"attention (attention kind 'shaped'), got '{attn_kind}'")
+
+
+def _sas_specs(cfg, attn_kind):
+  _check_shaped(cfg, attn_kind)
+  return {
+      "attn_norm": norm_specs(cfg, "attn"),
+      "attn": attention_specs(cfg, attn_kind),
+      "mlp_norm": norm_specs(cfg, "mlp"),
+      "mlp": mlp_specs(cfg),
+      "beta_ff": _scalar(cfg.block.sas_beta_ff),
+  }
+
+
+def _sas_apply(params, x, cfg, ctx, attn_kind, cache):
+  x_hat, new_cache = attention_sublayer(
+      params["attn"], block_norm(params, "attn_norm", x, cfg, ctx), cfg, ctx, attn_kind, cache)
+  m = mlp_sublayer(params["mlp"], block_norm(params, "mlp_norm", x_hat, cfg, ctx), cfg)
+  return x_hat + params["beta_ff"].astype(m.dtype) * m, new_cache
+
+
+def _sas_p_specs(cfg, attn_kind):
+  _check_shaped(cfg, attn_kind)
+  return {
+      "shared_norm": norm_specs(cfg, "attn"),
+      "attn": attention_specs(cfg, attn_kind),
+      "mlp": mlp_specs(cfg),
+      "beta_sa": _scalar(cfg.block.sas_beta_sa),
+      "beta_ff": _scalar(cfg.block.sas_beta_ff),
+  }
+
+
+def _sas_p_apply(params, x, cfg, ctx, attn_kind, cache):
+  h = block_norm(params, "shared_norm", x, cfg, ctx)
+  a, new_cache = attention_sublayer(params["attn"], h, cfg, ctx, attn_kind, cache)
+  m = mlp_sublayer(params["mlp"], h, cfg)
+  return params["beta_sa"].astype(a.dtype) * a + params["beta_ff"].astype(m.dtype) * m, new_cache
+
+
+def _sas_model_specs(cfg):
+  if not cfg.block.sas_first_layer_value:
+    return {}
+  from jaxblocks.attention import shaped
+  return {shaped.FIRST_LAYER_VALUE: shaped.first_layer_value_spec(cfg.d_model, cfg.attention,
+                                                                  cfg.init_std)}
+
+
+register("sas", _sas_specs, _sas_apply)
+register("sas_p", _sas_p_specs, _sas_p_apply)
+STREAMS["sas"] = StreamHooks(_sas_model_specs, _identity_stream, _identity_stream)
+STREAMS["sas_p"] = StreamHooks(_sas_model_specs, _identity_stream, _identity_stream)
+
+
+# ----------------------------------------------------------------------------- skipless
+#
+# ``skipless``: X ← MLP(Norm(Attn(Norm X))) with no residual connections (Graef's skipless
+# transformer; use norm kind ``none`` for the norm-free model). ``skipless_merged`` is what
+# :mod:`jaxblocks.tricks.skipless` turns a norm-free skipless softmax model into: no query and no
+# output projection (queries are the block input split into heads; P is merged into the MLP's
+# input matrices), keys/values from W_Q⁻¹·W_K and W_Q⁻¹·W_V.
+
+
+def _skipless_specs(cfg, attn_kind):
+  return {
+      "attn_norm": norm_specs(cfg, "attn"),
+      "attn": attention_specs(cfg, attn_kind),
+      "mlp_norm": norm_specs(cfg, "mlp"),
+      "mlp": mlp_specs(cfg),
+  }
+
+
+def _skipless_apply(params, x, cfg, ctx, attn_kind, cache):
+  a, new_cache = attention_sublayer(params["attn"], block_norm(params, "attn_norm", x, cfg, ctx),
+                                    cfg, ctx, attn_kind, cache)
+  return mlp_sublayer(params["mlp"], block_norm(params, "mlp_norm", a, cfg, ctx), cfg), new_cache
+
+
+def _skipless_merged_specs(cfg, attn_kind):
+  from jaxblocks.attention import softmax
+  if attn_kind != "softmax":
+    raise ConfigError("model.attention_pattern", "topology 'skipless_merged' supports attention "
+                      f"kind 'softmax' only, got '{attn_kind}'")
+  n, h = cfg.attention.n_heads, cfg.attention.dim(cfg.d_model)
+  if n * h != cfg.d_model:
+    raise ConfigError("model.attention.head_dim", "topology 'skipless_merged' needs n_heads * "
+                      f"head_dim == d_model={cfg.d_model}, got {n} * {h}")
+  full = softmax.specs(cfg.d_model, cfg.attention, cfg.init_std)
+  attn = {k: v for k, v in full.items() if k not in ("wq", "bq", "wo", "bo")}
+  return {"attn": attn, "mlp": mlp_specs(cfg)}
+
+
+def _skipless_merged_apply(params, x, cfg, ctx, attn_kind, cache):
+  from jaxblocks.attention import softmax
+  del attn_kind
+  b, t, d = x.shape
+  acfg = cfg.attention
+  p = params["attn"]
+  q = x.reshape(b, t, acfg.n_heads, acfg.dim(d))
+  k = jnp.einsum("btd,dkh->btkh", x, p["wk"])
+  v = jnp.einsum("btd,dkh->btkh", x, p["wv"])
+  if "bk" in p:
+    k, v = k + p["bk"], v + p["bv"]
+  if acfg.qk_norm != "none":
+    q = softmax._qk_normalize(q, p["q_norm"], acfg.qk_norm, acfg.qk_norm_eps, acfg.qk_norm_offset)
+    k = softmax._qk_normalize(k, p["k_norm"], acfg.qk_norm, acfg.qk_norm_eps, acfg.qk_norm_offset)
+  o, new_cache = softmax.attend_with_cache(q, k, v, acfg, ctx, cache)
+  return mlp_sublayer(params["mlp"], o.reshape(b, t, d), cfg), new_cache
+
+
+register("skipless", _skipless_specs, _skipless_apply)
+register("skipless_merged", _skipless_merged_specs, _skipless_merged_apply)
+
+
+# ----------------------------------------------------------------------------- Attention Residuals
+#
+# Attention Residuals (Kimi, 2026): the input of every sublayer is a softmax mix of earlier
+# sources, ``h = Σ_i softmax_i(w·RMSNorm(v_i))·v_i``, with a zero-initialised pseudo-query ``w``
+# per sublayer (a uniform average at init) and weightless RMSNorm keys. Sources are the embedding
+# and the sublayer outputs. ``attnres`` (full) keeps every source; ``attnres_block`` sums the
+# outputs of each block of ``attnres_block_size`` consecutive sublayers and attends over the
+# completed block sums plus the running partial sum (memory O(n_blocks·d) per token).
+#
+# The carried stream is ``{"sources": [n_sources, batch, time, d]}``, slot 0 the embedding and
+# slot k the sum of block k; which slots are live follows from the (traced) layer index, so the
+# stacked scan carries a fixed-size buffer. A final pseudo-query mixes all slots before the head.
+
+
+def attnres_n_sources(cfg: "ModelConfig") -> int:
+  """Slots of the Attention-Residuals buffer: embedding + one per block of sublayers."""
+  size = _attnres_block_size(cfg)
+  return 1 + -(-2 * cfg.n_layers // size)
+
+
+def _attnres_block_size(cfg) -> int:
+  return 1 if cfg.block.topology == "attnres" else cfg.block.attnres_block_size
+
+
+def attnres_mix(query_d, sources_sbtd, n_valid, eps: float = 1e-6):
+  """``Σ_s softmax_s(query·RMSNorm(v_s))·v_s`` over the first ``n_valid`` slots (float32 mixing
+  weights). ``n_valid`` may be traced."""
+  keys = norms.rms_normalize(sources_sbtd, eps)
+  logits = jnp.einsum("sbtd,d->sbt", keys, query_d.astype(jnp.float32))
+  live = (jnp.arange(sources_sbtd.shape[0]) < n_valid)[:, None, None]
+  weights = jax.nn.softmax(jnp.where(live, logits, -jnp.inf), axis=0)
+  out = jnp.einsum("sbt,sbtd->btd", weights, sources_sbtd.astype(jnp.float32))
+  return out.astype(sources_sbtd.dtype)
+
+
+def _attnres_specs(cfg, attn_kind):
+  from jaxblocks import params as P
+  s = _pre_specs(cfg, attn_kind)
+  s["attn_query"] = P.ParamSpec((cfg.d_model,), ("embed",), P.zeros)
+  s["mlp_query"] = P.ParamSpec((cfg.d_model,), ("embed",), P.zeros)
+  return s
+
+
+def _attnres_sublayer(stream, query, fn, sublayer_idx, size):
+  sources = stream["sources"]
+  slot = sublayer_idx // size + 1
+  n_valid = slot + (sublayer_idx % size > 0)
+  out, extra = fn(attnres_mix(query, sources, n_valid))
+  current = jax.lax.dynamic_index_in_dim(sources, slot, 0, keepdims=False)
+  sources = jax.lax.dynamic_update_index_in_dim(sources, current + out.astype(sources.dtype),
+                                                slot, 0)
+  return {"sources": sources}, extra
+
+
+def _attnres_apply(params, stream, cfg, ctx, attn_kind, cache):
+  size = _attnres_block_size(cfg)
+  first = 2 * ctx.layer_idx
+
+  def attn(h):
+    return attention_sublayer(params["attn"], block_norm(params, "attn_norm", h, cfg, ctx), cfg,
+                              ctx, attn_kind, cache)
+
+  def mlp(h):
+    return mlp_sublayer(params["mlp"], block_norm(params, "mlp_norm", h, cfg, ctx), cfg), None
+
+  stream, new_cache = _attnres_sublayer(stream, params["attn_query"], attn, first, size)
+  stream, _ = _attnres_sublayer(stream, params["mlp_query"], mlp, first + 1, size)
+  return stream, new_cache
+
+
+def _attnres_model_specs(cfg):
+  from jaxblocks import params as P
+  return {"attnres_out_query": P.ParamSpec((cfg.d_model,), ("embed",), P.zeros)}
+
+
+def _attnres_init(top_params, x_btd, cfg):
+  del top_params
+  sources = jnp.zeros((attnres_n_sources(cfg), *x_btd.shape), x_btd.dtype)
+  return {"sources": sources.at[0].set(x_btd)}
+
+
+def _attnres_readout(top_params, stream, cfg):
+  sources = stream["sources"]
+  return attnres_mix(top_params["attnres_out_query"], sources, sources.shape[0])
+
+
+for _name in ("attnres", "attnres_block"):
+  register(_name, _attnres_specs, _attnres_apply)
+  STREAMS[_name] = StreamHooks(_attnres_model_specs, _attnres_init, _attnres_readout)

@@ -23,6 +23,30 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 
 @dataclasses.dataclass(frozen=True)
+class LayerTyingConfig:
+  """Layer tying / recursive depth: ``n_layers`` layers built from ``unique_layers`` parameter
+  sets used cyclically (layer ``l`` uses set ``l % unique_layers``; None = no tying). ``lora_rank``
+  > 0 relaxes the tying with a per-layer low-rank delta ``A·B`` (B zero-initialised) on every
+  matrix that reads or writes the residual stream."""
+
+  unique_layers: int | None = None
+  lora_rank: int = 0
+
+  def validate(self, n_layers: int, period: int, prefix: str = "model.layer_tying") -> None:
+    if self.unique_layers is not None:
+      check_int(f"{prefix}.unique_layers", self.unique_layers, minimum=1)
+      if self.unique_layers > n_layers:
+        raise ConfigError(f"{prefix}.unique_layers", f"must be <= n_layers={n_layers}, got "
+                          f"{self.unique_layers}")
+      if self.unique_layers % period:
+        raise ConfigError(f"{prefix}.unique_layers", f"must be a multiple of len("
+                          f"attention_pattern)={period}, got {self.unique_layers}")
+    check_int(f"{prefix}.lora_rank", self.lora_rank, minimum=0)
+    if self.lora_rank and self.unique_layers is None:
+      raise ConfigError(f"{prefix}.lora_rank", "needs unique_layers (LoRA relaxes tied layers)")
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """A decoder-only language model.
 
@@ -36,6 +60,9 @@ class ModelConfig:
   scan_layers: run layers under ``lax.scan`` (compile time flat in depth) or unrolled.
   remat: ``none`` | ``full`` | ``save_dots`` | ``save_named`` (keep ``remat_save`` activations).
   dtype: compute dtype; param_dtype: storage dtype of the weights.
+  layer_tying: share parameter sets across depth (:class:`LayerTyingConfig`).
+  precomputed_first_layer: layer 0's per-token work is read from ``params["embed"]
+    ["first_layer"]`` (set by :func:`jaxblocks.tricks.precompute_first_layer.convert`).
   """
 
   vocab_size: int = 256
@@ -59,6 +86,8 @@ class ModelConfig:
   remat_save: tuple[str, ...] = ("attn_out", "mlp_out")
   dtype: str = "float32"
   param_dtype: str = "float32"
+  layer_tying: LayerTyingConfig = dataclasses.field(default_factory=LayerTyingConfig)
+  precomputed_first_layer: bool = False
 
   def __post_init__(self):
     for name in ("attention_pattern", "remat_save"):
@@ -103,6 +132,7 @@ class ModelConfig:
     self.attention.validate(self.d_model, "model.attention")
     self.mlp.validate("model.mlp")
     self.block.validate("model.block")
+    self.layer_tying.validate(self.n_layers, self.period)
     check_choice("model.position_embedding", self.position_embedding, POSITION_EMBEDDINGS)
     check_choice("model.remat", self.remat, REMAT_POLICIES)
     check_choice("model.dtype", self.dtype, sorted(DTYPES))

@@ -43,6 +43,14 @@ def specs(cfg: ModelConfig):
   if cfg.block.embed_norm:
     s["embed_norm"] = norms.specs(d, cfg.norm, "embed")
   s["layers"] = [P.stack(blocks.specs(cfg, kind), cfg.repeats) for kind in cfg.attention_pattern]
+  hooks = blocks.stream_hooks(cfg)
+  if hooks is not None and hooks.model_specs(cfg):
+    s["topology"] = hooks.model_specs(cfg)
+  if cfg.layer_tying.unique_layers is not None:
+    _tied_specs(s, cfg)
+  if cfg.precomputed_first_layer:
+    from jaxblocks.tricks import precompute_first_layer
+    precompute_first_layer.adapt_specs(s, cfg)
   if cfg.final_norm:
     s["final_norm"] = norms.specs(d, cfg.norm.final(), "final")
   if not cfg.tie_embeddings:
@@ -61,11 +69,74 @@ def init(cfg: ModelConfig, key: jax.Array, mesh=None, rules=None):
 
 
 def count_params(cfg: ModelConfig, non_embedding: bool = False) -> int:
+  """Number of scalar parameters (tied layers counted once, LoRA deltas included)."""
   s = specs(cfg)
   n = P.count(s)
   if non_embedding:
     n -= P.count(s["embed"])
   return n
+
+
+# ----------------------------------------------------------------------------- layer tying
+#
+# With ``layer_tying.unique_layers = K`` the stacks in ``params["layers"]`` hold K / period sets
+# per pattern position; layer ``l`` uses set ``l % K``. A LoRA relaxation adds
+# ``params["layer_lora"]``: per pattern position, a dict from weight path (e.g. ``attn/wq``) to
+# ``{"a": [repeats, *in, r], "b": [repeats, r, *out]}``, the delta of every layer.
+
+
+def _lora_split(spec: P.ParamSpec) -> int | None:
+  """How many leading axes of a weight are its input (None: not a residual-stream matrix)."""
+  if len(spec.shape) < 2:
+    return None
+  if spec.logical_axes[0] == "embed":
+    return 1
+  if spec.logical_axes[-1] == "embed":
+    return len(spec.shape) - 1
+  return None
+
+
+def _lora_specs(block_specs, rank: int, n: int):
+  out = {}
+  for path, spec in P.flatten_dict(block_specs).items():
+    k = _lora_split(spec)
+    if k is None:
+      continue
+    fan_in = math.prod(spec.shape[:k])
+    out[path] = {
+        "a": P.ParamSpec((*spec.shape[:k], rank), (*spec.logical_axes[:k], None),
+                         P.normal(fan_in ** -0.5)),
+        "b": P.ParamSpec((rank, *spec.shape[k:]), (None, *spec.logical_axes[k:]), P.zeros),
+    }
+  return P.stack(out, n)
+
+
+def _tied_specs(s, cfg: ModelConfig):
+  sets = cfg.layer_tying.unique_layers // cfg.period
+  s["layers"] = [P.stack(blocks.specs(cfg, kind), sets) for kind in cfg.attention_pattern]
+  if cfg.layer_tying.lora_rank:
+    s["layer_lora"] = [_lora_specs(blocks.specs(cfg, kind), cfg.layer_tying.lora_rank,
+                                   cfg.repeats) for kind in cfg.attention_pattern]
+
+
+def _add_lora(block_params, lora):
+  def add(path, w):
+    key = jax.tree_util.keystr(path, simple=True, separator="/")
+    if key not in lora:
+      return w
+    delta = jnp.tensordot(lora[key]["a"], lora[key]["b"], axes=1)
+    return w + delta.astype(w.dtype)
+  return jax.tree_util.tree_map_with_path(add, block_params)
+
+
+def _tied_group(layer_params, layer_lora, r, cfg: ModelConfig):
+  """Block params of repetition ``r`` (traced or int) under layer tying."""
+  sets = cfg.layer_tying.unique_layers // cfg.period
+  pick = lambda a: jax.lax.dynamic_index_in_dim(a, r % sets, 0, keepdims=False)
+  group = jax.tree.map(pick, layer_params)
+  if layer_lora is not None:
+    group = [_add_lora(g, l) for g, l in zip(group, layer_lora)]
+  return group
 
 
 # ----------------------------------------------------------------------------- remat
@@ -94,12 +165,18 @@ def _check_tokens(tokens, cfg: ModelConfig, where: str):
 
 
 def _run_layers(layer_params, x, cfg: ModelConfig, ctx: Context, layer_caches, layer_states=None,
-                collect=False):
-  """Run every layer. Returns ``(x, new_caches, new_states, per_layer)``: per-pattern stacked
-  caches and norm states (None when not given) and, with ``collect``, every layer's output
-  stacked ``[n_layers, ...]`` (else None)."""
+                collect=False, layer_lora=None, repeats=None, layer_offset=0):
+  """Run the stacked layers over ``x`` (an array, or the pytree a topology's stream hooks carry).
+
+  Returns ``(x, new_caches, new_states, per_layer)``: per-pattern stacked caches and norm states
+  (None when not given) and, with ``collect``, every layer's output stacked ``[layers, ...]``
+  (else None). ``repeats``/``layer_offset`` run fewer stacked groups starting at a later layer
+  (the precomputed-first-layer variant); ``layer_lora`` holds per-layer LoRA deltas of tied
+  layers."""
   pattern = cfg.attention_pattern
   period = len(pattern)
+  repeats = cfg.repeats if repeats is None else repeats
+  tied = cfg.layer_tying.unique_layers is not None
 
   def one_block(kind, p, x, layer_idx, cache, norm_state):
     extras = dict(ctx.extras)
@@ -114,7 +191,7 @@ def _run_layers(layer_params, x, cfg: ModelConfig, ctx: Context, layer_caches, l
   def group(x, group_params, r, group_caches, group_states):
     new_c, new_s, outs = [], [], []
     for i in range(period):
-      x, c, s = block_fns[i](group_params[i], x, r * period + i,
+      x, c, s = block_fns[i](group_params[i], x, layer_offset + r * period + i,
                              None if group_caches is None else group_caches[i],
                              None if group_states is None else group_states[i])
       new_c.append(c)
@@ -126,21 +203,24 @@ def _run_layers(layer_params, x, cfg: ModelConfig, ctx: Context, layer_caches, l
 
   if cfg.scan_layers:
     def body(x, xs):
-      gp, r, gc, gs = xs
+      gp, r, gc, gs, gl = xs
+      if tied:
+        gp = _tied_group(layer_params, gl, r, cfg)
       return group(x, gp, r, gc, gs)
 
     x, (new_caches, new_states, per_layer) = jax.lax.scan(
-        body, x, (layer_params, jnp.arange(cfg.repeats, dtype=jnp.int32), layer_caches,
-                  layer_states))
+        body, x, (None if tied else layer_params, jnp.arange(repeats, dtype=jnp.int32),
+                  layer_caches, layer_states, layer_lora))
   else:
     results = []
-    for r in range(cfg.repeats):
+    for r in range(repeats):
       pick = lambda tree: None if tree is None else jax.tree.map(lambda a: a[r], tree)  # noqa: B023
-      x, res = group(x, pick(layer_params), r, pick(layer_caches), pick(layer_states))
+      gp = _tied_group(layer_params, pick(layer_lora), r, cfg) if tied else pick(layer_params)
+      x, res = group(x, gp, r, pick(layer_caches), pick(layer_states))
       results.append(res)
     new_caches, new_states, per_layer = jax.tree.map(lambda *a: jnp.stack(a), *results)
   if collect:
-    per_layer = per_layer.reshape(cfg.n_layers, *per_layer.shape[2:])
+    per_layer = per_layer.reshape(repeats * period, *per_layer.shape[2:])
   return x, new_caches, new_states, per_layer
 
 
@@ -204,19 +284,37 @@ def _forward(params, tokens, cfg: ModelConfig, positions, segment_ids, cache, tr
                                  mask=None if segment_ids is None else segment_ids != 0)
     extras["norm_context"] = norm_ctx
   new_state = dict(state) if stateful else state
-  x = embed(params, tokens, cfg, positions)
+  hooks = blocks.stream_hooks(cfg)
+  top = params.get("topology", {})
+  extras.update(top)
+  ctx = Context(positions=positions, segment_ids=segment_ids, n_layers=cfg.n_layers,
+                cache_index=None if cache is None else cache["index"], training=training,
+                extras=extras)
+  new_cache = None if cache is None else {"index": cache["index"] + tokens.shape[1]}
+  run = dict(layer_lora=params.get("layer_lora"))
+  if cfg.precomputed_first_layer:
+    from jaxblocks.tricks import precompute_first_layer
+    x, first_cache = precompute_first_layer.run_first_layer(
+        params, tokens, cfg, ctx.replace(layer_idx=0),
+        None if cache is None else cache["first_layer"])
+    run.update(repeats=cfg.repeats - 1, layer_offset=1)
+    if cache is not None:
+      new_cache["first_layer"] = first_cache
+  else:
+    x = embed(params, tokens, cfg, positions)
   if cfg.block.embed_norm:
     x, s = _model_norm(params["embed_norm"], state.get("embed_norm") if stateful else None, x,
                        cfg.norm, norm_ctx)
     if stateful:
       new_state["embed_norm"] = s
-  ctx = Context(positions=positions, segment_ids=segment_ids, n_layers=cfg.n_layers,
-                cache_index=None if cache is None else cache["index"], training=training,
-                extras=extras)
   x_embedded = x
+  if hooks is not None:
+    x = hooks.init(top, x, cfg)
   x, new_layers, new_layer_states, per_layer = _run_layers(
       params["layers"], x, cfg, ctx, None if cache is None else cache["layers"],
-      state["layers"] if stateful else None, collect)
+      state["layers"] if stateful else None, collect, **run)
+  if hooks is not None:
+    x = hooks.readout(top, x, cfg)
   if stateful:
     new_state["layers"] = new_layer_states
   if return_hidden:
@@ -228,9 +326,8 @@ def _forward(params, tokens, cfg: ModelConfig, positions, segment_ids, cache, tr
       new_state["final_norm"] = final_state
   if collect:
     per_layer = jnp.concatenate([x_embedded[None], per_layer], axis=0)
-  new_cache = None
   if cache is not None:
-    new_cache = {"index": cache["index"] + tokens.shape[1], "layers": new_layers}
+    new_cache["layers"] = new_layers
   return out, new_cache, new_state, per_layer
 
 
@@ -254,6 +351,12 @@ def hidden_states(params, tokens, cfg: ModelConfig, *, positions=None, segment_i
   """Every residual-stream state ``[n_layers + 1, batch, time, d]``: the embedding output
   (after the embedding norm, if any) followed by each layer's output (evaluation mode)."""
   positions = _check_inputs(tokens, cfg, positions, segment_ids, "model.hidden_states")
+  if cfg.precomputed_first_layer:
+    raise ValueError("model.hidden_states: a precomputed first layer has no separate embedding "
+                     "output (model.precomputed_first_layer=True); use the original model")
+  if blocks.stream_hooks(cfg) is not None:
+    raise ValueError(f"model.hidden_states: topology '{cfg.block.topology}' carries no single "
+                     "residual stream between layers")
   _, _, _, per_layer = _forward(params, tokens, cfg, positions, segment_ids, None, False,
                                 return_hidden=True, state=state, collect=True)
   return per_layer
@@ -344,11 +447,16 @@ def segment_positions(segment_ids):
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None):
   """Decoding state for every layer (KV caches, recurrent states), stacked like the params."""
   dtype = cfg.compute_dtype if dtype is None else dtype
+  stacked = cfg.repeats - 1 if cfg.precomputed_first_layer else cfg.repeats
   layers = []
   for kind in cfg.attention_pattern:
     one = attn_base.get(kind).init_cache(batch, max_len, cfg.d_model, cfg.attention, dtype)
-    layers.append(jax.tree.map(lambda a: jnp.broadcast_to(a, (cfg.repeats, *a.shape)), one))
-  return {"index": jnp.zeros((), jnp.int32), "layers": layers}
+    layers.append(jax.tree.map(lambda a: jnp.broadcast_to(a, (stacked, *a.shape)), one))
+  cache = {"index": jnp.zeros((), jnp.int32), "layers": layers}
+  if cfg.precomputed_first_layer:
+    cache["first_layer"] = attn_base.get(cfg.attention_pattern[0]).init_cache(
+        batch, max_len, cfg.d_model, cfg.attention, dtype)
+  return cache
 
 
 def apply_cached(params, tokens, cfg: ModelConfig, cache, state=None):

@@ -34,8 +34,8 @@ def _mask(q_pos_bt, k_pos_bs, q_seg_bt, k_seg_bs, k_valid_bs, window):
   return m
 
 
-def attend_reference(q_btnh, k_bskh, v_bskh, mask_b1ts, scale, softcap=None):
-  """Masked softmax attention with float32 logits and softmax (the ground truth)."""
+def attention_probs(q_btnh, k_bskh, mask_b1ts, scale, softcap=None):
+  """Float32 softmax probabilities ``[b, kv_heads, groups, t, s]`` of masked attention."""
   b, t, n, h = q_btnh.shape
   kh = k_bskh.shape[2]
   q = q_btnh.reshape(b, t, kh, n // kh, h)
@@ -43,7 +43,13 @@ def attend_reference(q_btnh, k_bskh, v_bskh, mask_b1ts, scale, softcap=None):
   if softcap is not None:
     logits = softcap * jnp.tanh(logits / softcap)
   logits = jnp.where(mask_b1ts[:, :, None], logits, _NEG)
-  probs = jax.nn.softmax(logits, axis=-1)
+  return jax.nn.softmax(logits, axis=-1)
+
+
+def attend_reference(q_btnh, k_bskh, v_bskh, mask_b1ts, scale, softcap=None):
+  """Masked softmax attention with float32 logits and softmax (the ground truth)."""
+  b, t, n, _ = q_btnh.shape
+  probs = attention_probs(q_btnh, k_bskh, mask_b1ts, scale, softcap)
   out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(v_bskh.dtype), v_bskh,
                    preferred_element_type=jnp.float32)
   return out.reshape(b, t, n, v_bskh.shape[-1]).astype(q_btnh.dtype)
@@ -132,9 +138,11 @@ def _qk_normalize(x_btnh, scale, mode, eps, offset=0.0):
   return y.astype(x_btnh.dtype)
 
 
-def project_qkv(params, x_btd, cfg: AttentionConfig, positions_bt, layer_idx=0):
-  """Queries, keys and values after biases, QK-norm and RoPE (``layer_idx`` picks the RoPE theta
-  when it differs per layer, see ``AttentionConfig.layer_rope_theta``)."""
+def qkv_before_rope(params, x_btd, cfg: AttentionConfig):
+  """Queries, keys and values after projections, biases and QK-norm, before RoPE.
+
+  Everything here is a per-token function of ``x`` (what the first-layer precompute tabulates).
+  """
   q = jnp.einsum("btd,dnh->btnh", x_btd, params["wq"])
   k = jnp.einsum("btd,dkh->btkh", x_btd, params["wk"])
   v = jnp.einsum("btd,dkh->btkh", x_btd, params["wv"])
@@ -143,6 +151,12 @@ def project_qkv(params, x_btd, cfg: AttentionConfig, positions_bt, layer_idx=0):
   if cfg.qk_norm != "none":
     q = _qk_normalize(q, params["q_norm"], cfg.qk_norm, cfg.qk_norm_eps, cfg.qk_norm_offset)
     k = _qk_normalize(k, params["k_norm"], cfg.qk_norm, cfg.qk_norm_eps, cfg.qk_norm_offset)
+  return q, k, v
+
+
+def rotate_and_constrain(q, k, v, cfg: AttentionConfig, positions_bt, layer_idx=0):
+  """RoPE on queries and keys (when configured; ``layer_idx`` picks the theta when it differs
+  per layer, see ``AttentionConfig.layer_rope_theta``) plus activation sharding constraints."""
   if cfg.rope:
     theta = cfg.layer_rope_theta(layer_idx)
     q = rope_lib.apply_rope(q, positions_bt, theta, cfg.rotary_fraction)
@@ -153,6 +167,12 @@ def project_qkv(params, x_btd, cfg: AttentionConfig, positions_bt, layer_idx=0):
   return q, k, v
 
 
+def project_qkv(params, x_btd, cfg: AttentionConfig, positions_bt, layer_idx=0):
+  """Queries, keys and values after biases, QK-norm and RoPE."""
+  q, k, v = qkv_before_rope(params, x_btd, cfg)
+  return rotate_and_constrain(q, k, v, cfg, positions_bt, layer_idx)
+
+
 def output_projection(params, o_btnh):
   y = jnp.einsum("btnh,nhd->btd", o_btnh, params["wo"])
   if "bo" in params:
@@ -160,16 +180,21 @@ def output_projection(params, o_btnh):
   return y
 
 
-def apply(params, x_btd, cfg: AttentionConfig, ctx: Context, cache=None):
-  """Self-attention of ``x[batch, time, d]``; with ``cache`` new keys/values are written at
-  ``ctx.cache_index`` and the queries attend over the whole cache."""
-  if x_btd.ndim != 3:
-    raise ValueError(f"softmax attention: expected x of shape [batch, time, d], got {x_btd.shape}")
-  q, k, v = project_qkv(params, x_btd, cfg, ctx.positions, ctx.layer_idx)
+def impl_for_window(cfg: AttentionConfig, window) -> str:
+  """``cfg.impl``, except that a traced per-layer window under ``auto`` selects ``xla`` (it is a
+  mask, not cuDNN's static window)."""
+  if cfg.impl == "auto" and cfg.softcap is None and window is not None and not isinstance(
+      window, int):
+    return "xla"
+  return cfg.impl
+
+
+def attend_with_cache(q_btnh, k_btkh, v_btkh, cfg: AttentionConfig, ctx: Context, cache=None):
+  """Attention of projected (pre-RoPE) queries/keys/values: RoPE, optional KV-cache write at
+  ``ctx.cache_index`` and causal attention. Returns ``(o_btnh, new_cache)``."""
+  q, k, v = rotate_and_constrain(q_btnh, k_btkh, v_btkh, cfg, ctx.positions, ctx.layer_idx)
   window = cfg.layer_window(ctx.layer_idx)
-  impl = cfg.impl
-  if impl == "auto" and cfg.softcap is None and window is not None and not isinstance(window, int):
-    impl = "xla"  # a traced per-layer window is a mask, not cuDNN's static window
+  impl = impl_for_window(cfg, window)
   if cache is None:
     o = attend(q, k, v, q_positions_bt=ctx.positions, k_positions_bs=ctx.positions,
                q_segment_ids=ctx.segment_ids, k_segment_ids=ctx.segment_ids,
@@ -181,13 +206,22 @@ def apply(params, x_btd, cfg: AttentionConfig, ctx: Context, cache=None):
     cv = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), idx, axis=1)
     b, s = ck.shape[:2]
     k_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    k_valid = k_pos < idx + x_btd.shape[1]
+    k_valid = k_pos < idx + q.shape[1]
     o = attend(q, ck.astype(q.dtype), cv.astype(q.dtype), q_positions_bt=ctx.positions,
                k_positions_bs=k_pos, k_valid_bs=k_valid, window=window,
                softcap=cfg.softcap, scale=cfg.scale,
                impl="reference" if cfg.impl == "auto" else cfg.impl, has_cache=True)
     new_cache = {"k": ck, "v": cv}
-  o = sharding.constrain(o, ("batch", "seq", "heads", "head_dim"))
+  return sharding.constrain(o, ("batch", "seq", "heads", "head_dim")), new_cache
+
+
+def apply(params, x_btd, cfg: AttentionConfig, ctx: Context, cache=None):
+  """Self-attention of ``x[batch, time, d]``; with ``cache`` new keys/values are written at
+  ``ctx.cache_index`` and the queries attend over the whole cache."""
+  if x_btd.ndim != 3:
+    raise ValueError(f"softmax attention: expected x of shape [batch, time, d], got {x_btd.shape}")
+  q, k, v = qkv_before_rope(params, x_btd, cfg)
+  o, new_cache = attend_with_cache(q, k, v, cfg, ctx, cache)
   return output_projection(params, o), new_cache
 
 
