@@ -42,9 +42,12 @@ def test_attend_matches_naive(t, heads, window, impl, packed):
   q, kk, v = _qkv(2, t, n, k, 8)
   pos = jnp.broadcast_to(jnp.arange(t), (2, t))
   seg = jnp.asarray(np.minimum(np.arange(t) // 3, 2) + 1)[None].repeat(2, 0) if packed else None
-  out = softmax.attend(q, kk, v, q_positions_bt=pos, k_positions_bs=pos, q_segment_ids=seg,
-                       k_segment_ids=seg, window=window, impl=impl)
-  np.testing.assert_allclose(out, _naive(q, kk, v, window, seg), rtol=1e-5, atol=1e-5)
+  # One compile per example instead of one per primitive of each eager call.
+  out = jax.jit(lambda q, k, v, pos, seg: softmax.attend(
+      q, k, v, q_positions_bt=pos, k_positions_bs=pos, q_segment_ids=seg, k_segment_ids=seg,
+      window=window, impl=impl))(q, kk, v, pos, seg)
+  expected = jax.jit(_naive, static_argnums=3)(q, kk, v, window, seg)
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_xla_and_reference_gradients_agree():

@@ -177,6 +177,20 @@ def test_flashnorm_keeps_hf_logits(name, hf_models):
   assert _rel_err(model.apply(p, jnp.asarray(tokens), cfg), _hf_logits(m, tokens)) < RTOL
 
 
+@pytest.mark.parametrize("name", ["pythia", "llama"])
+def test_first_layer_precompute_keeps_hf_logits_and_generation(name, hf_models):
+  from jaxblocks.tricks import precompute_first_layer
+  d, m = hf_models(name)
+  imported = load(d)
+  p, cfg = precompute_first_layer.convert(imported.params, imported.config)
+  assert cfg.precomputed_first_layer and "first_layer" in p["embed"]
+  tokens = _tokens()
+  assert _rel_err(model.apply(p, jnp.asarray(tokens), cfg), _hf_logits(m, tokens)) < RTOL
+  prompt = _tokens(1, (2, PROMPT))
+  got = model.generate(p, jnp.asarray(prompt), cfg, max_new_tokens=8, temperature=0.0)
+  np.testing.assert_array_equal(np.asarray(got), _hf_greedy(m, prompt, 8))
+
+
 # ----------------------------------------------------------------------------- sharded loading
 
 

@@ -25,7 +25,8 @@ def env(devices: int = 1, cache_dir: str | None = None) -> dict:
   for k in distributed.LAUNCHER_VARS:  # a child must never take the test run for a launcher
     e.pop(k, None)
   e["PYTHONPATH"] = str(REPO)
-  e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  e["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} "
+                    "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
   e["JAX_PLATFORMS"] = "cpu"
   if cache_dir:
     e["JAX_COMPILATION_CACHE_DIR"] = cache_dir
