@@ -144,16 +144,22 @@ def norm_specs(cfg: "ModelConfig", role: str):
   return norms.specs(cfg.d_model, cfg.norm, role)
 
 
+def slot_norm_config(cfg: "ModelConfig", slot: str) -> norms.NormConfig:
+  """The norm config of layer slot ``slot`` (``attn_out_norm`` is in role ``attn_out``, ...)."""
+  return cfg.norm.for_role(slot.removesuffix("_norm"))
+
+
 def _norm_call(params, slot, x, cfg: "ModelConfig", ctx: Context):
   """``(y, new_state)``; new_state None for stateless norms."""
   if not cfg.norm.is_stateful:
-    return norms.apply(params[slot], x, cfg.norm), None
+    return norms.apply(params[slot], x, slot_norm_config(cfg, slot)), None
   states = ctx.extras.get("norm_state")
   if states is None:
     raise ValueError(f"norm kind '{cfg.norm.kind}' keeps running statistics: run the model with "
                      "its state (model.apply_train for training, model.apply(..., state=) for "
                      "evaluation)")
-  return norms.apply_stateful(params[slot], states[slot], x, cfg.norm, ctx.extras["norm_context"])
+  return norms.apply_stateful(params[slot], states[slot], x, slot_norm_config(cfg, slot),
+                             ctx.extras["norm_context"])
 
 
 def block_norm(params, slot: str, x, cfg: "ModelConfig", ctx: Context):

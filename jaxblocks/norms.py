@@ -34,6 +34,9 @@ class NormConfig:
   bias: learn a per-channel bias (LayerNorm-style).
   scale_offset: the gain used is ``scale_offset + w`` (Gemma stores ``w`` with offset 1 and
     initialises ``w`` at 0); 0 means the usual ``w`` initialised at 1.
+  out_scale / out_bias: the gain / bias of sublayer-output norms (roles ``attn_out``,
+    ``mlp_out``: Peri-LN, OLMo 2); None: as ``scale`` / ``bias``. A Peri-LN model whose input
+    norms had their affine folded into the projections (FlashNorm) keeps it on its output norms.
   final_kind: norm kind of the final norm before the head (None: ``kind``, except ``bhyt`` whose
     final norm is a plain ``rmsnorm`` as in the paper).
   alpha_init / alpha_init_attn (dyt): initial ``alpha`` of the non-attention (MLP, final,
@@ -57,6 +60,8 @@ class NormConfig:
   scale_offset: float = 0.0
   impl: str = "xla"
   final_kind: str | None = None
+  out_scale: bool | None = None
+  out_bias: bool | None = None
   alpha_init: float | None = None
   alpha_init_attn: float | None = None
   embed_scale: bool | None = None
@@ -81,6 +86,12 @@ class NormConfig:
     for key in ("alpha_init", "alpha_init_attn"):
       if getattr(self, key) is not None:
         check_positive(f"{prefix}.{key}", getattr(self, key))
+    for key in ("out_scale", "out_bias"):
+      if getattr(self, key) is not None and not isinstance(getattr(self, key), bool):
+        raise ConfigError(f"{prefix}.{key}", f"must be true, false or null, got "
+                          f"{getattr(self, key)!r}")
+    if self.out_bias and not NORMS[self.kind].supports_bias:
+      raise ConfigError(f"{prefix}.out_bias", f"norm kind '{self.kind}' has no bias")
     if self.embed_scale is not None and not isinstance(self.embed_scale, bool):
       raise ConfigError(f"{prefix}.embed_scale", f"must be true, false or null, got "
                         f"{self.embed_scale!r}")
@@ -99,6 +110,15 @@ class NormConfig:
   def is_stateful(self) -> bool:
     return NORMS[self.kind].stateful
 
+  def for_role(self, role: str) -> "NormConfig":
+    """The config of a norm placed in ``role``: sublayer-output norms take ``out_scale`` /
+    ``out_bias`` when set."""
+    if role not in OUT_ROLES or (self.out_scale is None and self.out_bias is None):
+      return self
+    return dataclasses.replace(
+        self, scale=self.scale if self.out_scale is None else self.out_scale,
+        bias=self.bias if self.out_bias is None else self.out_bias, out_scale=None, out_bias=None)
+
   def final(self) -> "NormConfig":
     """The config of the final norm before the head."""
     kind = self.final_kind
@@ -108,6 +128,7 @@ class NormConfig:
 
 
 ROLES = ("attn", "mlp", "attn_out", "mlp_out", "attn_post", "mlp_post", "final", "embed")
+OUT_ROLES = ("attn_out", "mlp_out")
 """Where a norm sits: sublayer inputs (``attn``, ``mlp``), sublayer outputs (``*_out``: Peri-LN,
 OLMo 2), after the residual add (``*_post``: Post-LN), before the head, after the embedding.
 Role-aware kinds (DyT, BHyT) pick their initialisation from it."""
@@ -169,6 +190,7 @@ def specs(d: int, cfg: NormConfig, role: str = "mlp"):
   norm = _get(cfg)
   if role not in ROLES:
     raise ValueError(f"norms.specs: unknown role {role!r}; roles are {ROLES}")
+  cfg = cfg.for_role(role)
   return norm.specs(d, cfg, role) if norm.role_aware else norm.specs(d, cfg)
 
 

@@ -27,6 +27,8 @@ from jaxblocks.tricks.folding import ATTENTION_LAYOUTS, ConversionError
 FOLDABLE_KINDS = ("rmsnorm", "layernorm", "crmsnorm", "dyt", "single_scale_rmsnorm")
 # After folding, single-scale RMSNorm is a plain weightless RMSNorm.
 _WEIGHTLESS_KIND = {"single_scale_rmsnorm": "rmsnorm"}
+# Topologies whose folded norms (the sublayer inputs) feed only linear projections.
+FLASHNORM_TOPOLOGIES = ("pre", "parallel", "peri")
 
 
 def _gain_and_bias(norm_params, norm_cfg: norms.NormConfig, shape):
@@ -49,9 +51,10 @@ def fold_norm_weights(params, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
   """Fold every norm's gain and bias into the projections reading it (``W ← diag(g)W``,
   ``b ← b + βW``; the final norm into an untied head) and return the weightless-norm model.
 
-  Requires a norm kind in ``FOLDABLE_KINDS`` (DyT keeps its ``alpha``), a ``pre``/``parallel``
-  topology, no embedding norm and no dropout. LayerNorm Scaling multiplies folded biases by its
-  per-layer factor. Exact up to floating-point rounding.
+  Requires a norm kind in ``FOLDABLE_KINDS`` (DyT keeps its ``alpha``), a ``pre``/``parallel``/
+  ``peri`` topology, no embedding norm and no dropout. Peri-LN (Gemma 2/3) folds its sublayer-input
+  norms; the output norms keep their gains (``NormConfig.out_scale``/``out_bias``). LayerNorm
+  Scaling multiplies folded biases by its per-layer factor. Exact up to floating-point rounding.
   """
   what = "flashnorm.fold_norm_weights"
   cfg.validate()
@@ -59,7 +62,10 @@ def fold_norm_weights(params, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
     if norm_cfg.kind not in FOLDABLE_KINDS:
       raise ConversionError(f"{what}: {label}='{norm_cfg.kind}' has no foldable affine; "
                             f"supported kinds are {FOLDABLE_KINDS}")
-  folding.check_foldable(cfg, what)
+  folding.check_foldable(cfg, what, FLASHNORM_TOPOLOGIES)
+  if cfg.block.topology == "peri" and cfg.norm.kind in _WEIGHTLESS_KIND:
+    raise ConversionError(f"{what}: model.norm.kind='{cfg.norm.kind}' changes kind when folded, "
+                          "but a Peri-LN model's output norms keep theirs; use a per-channel kind")
   params, changes = folding.run_compiled(_fold_norm_weights, params, cfg)
   return params, folding.apply_config_changes(cfg, changes)
 
@@ -80,10 +86,15 @@ def _fold_norm_weights(params, cfg: ModelConfig):
     changes.update(head_changes)
     params["final_norm"] = _weightless(params["final_norm"])
   final_kind = cfg.norm.final_kind
-  changes["norm"] = dataclasses.replace(
-      cfg.norm, kind=_WEIGHTLESS_KIND.get(cfg.norm.kind, cfg.norm.kind), scale=False, bias=False,
-      scale_offset=0.0,
-      final_kind=None if final_kind is None else _WEIGHTLESS_KIND.get(final_kind, final_kind))
+  new_norm = dict(kind=_WEIGHTLESS_KIND.get(cfg.norm.kind, cfg.norm.kind), scale=False,
+                  bias=False, scale_offset=0.0,
+                  final_kind=None if final_kind is None else _WEIGHTLESS_KIND.get(final_kind,
+                                                                                  final_kind))
+  if cfg.block.topology == "peri":  # the output norms keep their affine (and its offset)
+    out = cfg.norm.for_role("attn_out")
+    new_norm.update(out_scale=out.scale, out_bias=out.bias,
+                    scale_offset=cfg.norm.scale_offset if out.scale else 0.0)
+  changes["norm"] = dataclasses.replace(cfg.norm, **new_norm)
   return params, changes
 
 

@@ -68,14 +68,14 @@ def check_dropout(cfg: ModelConfig, what: str) -> None:
                               "on a branch makes the conversion inexact — set it to 0 first")
 
 
-def check_foldable(cfg: ModelConfig, what: str) -> None:
-  """Preconditions shared by every fold: norm outputs feed linear maps only."""
+def check_foldable(cfg: ModelConfig, what: str, topologies=FOLDABLE_TOPOLOGIES) -> None:
+  """Preconditions shared by every fold: the folded norms' outputs feed linear maps only."""
   check_dropout(cfg, what)
-  if cfg.block.topology not in FOLDABLE_TOPOLOGIES:
+  if cfg.block.topology not in topologies:
     raise ConversionError(f"{what}: model.block.topology='{cfg.block.topology}' is not supported; "
                           f"the norm outputs must feed linear projections only, as in "
-                          f"{FOLDABLE_TOPOLOGIES} (Post/Peri/OLMo 2/Mix norms write the residual "
-                          "stream or carry a per-channel scale on the branch output)")
+                          f"{topologies} (other topologies' norms write the residual stream or "
+                          "carry a per-channel scale on the branch output)")
   if cfg.block.embed_norm:
     raise ConversionError(f"{what}: model.block.embed_norm=True writes the residual stream; the "
                           "conversion needs it off")

@@ -166,7 +166,7 @@ def test_gpt2_pre_rmsnorm_and_crmsnorm_keep_hf_logits(hf_models):
   assert _rel_err(model.apply(p_c, jnp.asarray(tokens), cfg_c), ref) < RTOL
 
 
-@pytest.mark.parametrize("name", ["llama", "llama_tied_bias"])
+@pytest.mark.parametrize("name", ["llama", "llama_tied_bias", "gemma2", "gemma3"])
 def test_flashnorm_keeps_hf_logits(name, hf_models):
   from jaxblocks.tricks import flashnorm
   d, m = hf_models(name)
@@ -174,6 +174,8 @@ def test_flashnorm_keeps_hf_logits(name, hf_models):
   tokens = _tokens()
   p, cfg = flashnorm.fold_norm_weights(imported.params, imported.config)
   assert "scale" not in p["layers"][0]["attn_norm"]
+  if name.startswith("gemma"):  # Peri-LN: the (1 + w) output-norm gains stay
+    assert "scale" in p["layers"][0]["attn_out_norm"] and cfg.norm.scale_offset == 1.0
   assert _rel_err(model.apply(p, jnp.asarray(tokens), cfg), _hf_logits(m, tokens)) < RTOL
 
 

@@ -206,3 +206,15 @@ def test_bias_rejected_for_kinds_without_bias():
     NormConfig(kind="single_scale_rmsnorm", bias=True).validate()
   with pytest.raises(ValueError, match="role"):
     norms.specs(D, NormConfig(), "middle")
+
+
+def test_output_norm_affine_overrides():
+  cfg = norms.NormConfig(kind="rmsnorm", scale=False, out_scale=True, scale_offset=1.0)
+  assert cfg.for_role("attn") is cfg and cfg.for_role("final") is cfg
+  out = cfg.for_role("mlp_out")
+  assert out.scale and out.scale_offset == 1.0 and out.out_scale is None
+  assert "scale" not in norms.specs(8, cfg, "attn") and "scale" in norms.specs(8, cfg, "attn_out")
+  with pytest.raises(ConfigError, match="norm.out_scale"):
+    norms.NormConfig(out_scale="yes").validate()
+  with pytest.raises(ConfigError, match="norm.out_bias"):
+    norms.NormConfig(kind="single_scale_rmsnorm", out_bias=True).validate()
