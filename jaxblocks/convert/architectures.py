@@ -283,10 +283,13 @@ def _llama_to_config(hf: dict) -> ModelConfig:
     pass  # tensor-parallel slicing during pretraining only; the weights are the same
   if model_type == "qwen2":
     qkv_bias, out_bias = True, False
-    if hf.get("use_sliding_window"):
-      raise UnsupportedError("config.json: use_sliding_window=true (Qwen2 sliding window on "
-                             "layers above max_window_layers) is not supported")
     window, pattern = None, None
+    if hf.get("use_sliding_window"):  # sliding window on the layers from max_window_layers on
+      n = int(hf["num_hidden_layers"])
+      layer_types = hf.get("layer_types") or [
+          "sliding_attention" if i >= int(hf.get("max_window_layers", n)) else "full_attention"
+          for i in range(n)]
+      window, pattern = _window({**hf, "layer_types": layer_types}, n)
   else:
     qkv_bias = out_bias = bool(hf.get("attention_bias", False))
     window, pattern = _window(hf, int(hf["num_hidden_layers"]))
@@ -314,8 +317,11 @@ def _llama_hf(arch: str):
     hf.update(hidden_act="silu", rms_norm_eps=cfg.norm.eps,
               rope_parameters=_rope_parameters(a.rope_theta, a.rotary_fraction))
     if model_type == "qwen2":
-      hf.update(use_sliding_window=False, sliding_window=None,
-                layer_types=["full_attention"] * cfg.n_layers)
+      types = _layer_types(cfg)
+      hf.update(use_sliding_window=a.sliding_window is not None,
+                sliding_window=a.sliding_window, layer_types=types,
+                max_window_layers=next((i for i, t in enumerate(types)
+                                        if t == "sliding_attention"), cfg.n_layers))
     else:
       hf.update(attention_bias=a.bias, sliding_window=a.sliding_window)
       if a.sliding_window_pattern is not None:
