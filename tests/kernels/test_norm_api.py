@@ -9,6 +9,7 @@ import pytest
 
 from jaxblocks import norms
 from jaxblocks.errors import ConfigError
+from jaxblocks.kernels import common
 from jaxblocks.kernels.norm import api, reference
 
 
@@ -56,10 +57,10 @@ def test_bad_input_raises_a_clear_error(kwargs, match):
 
 
 def test_unsupported_dtype_falls_back_once_under_auto_and_raises_under_pallas(monkeypatch, caplog):
-  monkeypatch.setattr(api, "platform_backend", lambda platform=None: "tpu")
-  monkeypatch.setattr(api, "_warned", set())
+  monkeypatch.setattr(common, "placement_backend", lambda mesh=None: "tpu")
+  monkeypatch.setattr(common, "_warned", set())
   x, r = _x(dtype=jnp.float16), _x(dtype=jnp.float16, seed=1)
-  with caplog.at_level(logging.WARNING, logger=api.__name__):
+  with caplog.at_level(logging.WARNING, logger="jaxblocks.kernels"):
     for _ in range(2):
       y, new_res = api.fused_add_norm(x, r, impl="auto", interpret=True)
   fallback_logs = [rec for rec in caplog.records if "using the XLA path" in rec.getMessage()]
@@ -72,7 +73,7 @@ def test_unsupported_dtype_falls_back_once_under_auto_and_raises_under_pallas(mo
 
 
 def test_too_wide_rows_fall_back_on_gpu(monkeypatch):
-  monkeypatch.setattr(api, "_warned", set())
+  monkeypatch.setattr(common, "_warned", set())
   x = jnp.ones((2, 2 * api.gpu_kernels.MAX_BLOCK_COLS), jnp.float32)
   with pytest.raises(ValueError, match="no gpu kernel for width"):
     api.norm(x, impl="pallas", backend="gpu")

@@ -39,7 +39,6 @@ cotangents of the incoming states are all-gathered and combined right to left
 from __future__ import annotations
 
 import dataclasses
-import logging
 from typing import Any
 
 import jax
@@ -50,21 +49,10 @@ from jax.sharding import Mesh, PartitionSpec as P
 from jaxblocks import sharding as S
 from jaxblocks.attention import linear_ops
 from jaxblocks.kernels.gla import layout
-from jaxblocks.kernels.norm.api import platform_backend
+from jaxblocks.kernels import common
+from jaxblocks.kernels.common import BACKENDS, IMPLS, KERNEL_DTYPES
 
-IMPLS = ("auto", "xla", "pallas")
-BACKENDS = ("tpu", "gpu")
-KERNEL_DTYPES = (np.dtype(jnp.bfloat16), np.dtype(jnp.float32))
 F32 = jnp.float32
-
-_log = logging.getLogger(__name__)
-_warned: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-  if message not in _warned:
-    _warned.add(message)
-    _log.warning("%s", message)
 
 
 def _is_pow2(n: int) -> bool:
@@ -127,11 +115,7 @@ class _Layout:
 
 
 def _layout(q, k, mesh, rules) -> _Layout:
-  if mesh is None:
-    active = S.active()
-    if active is not None:
-      mesh, active_rules = active
-      rules = rules if rules is not None else active_rules
+  mesh, rules = common.resolve_mesh(mesh, rules)
   if mesh is None or mesh.size == 1:
     return _Layout(None)
   q_spec = tuple(S.logical_to_spec(("batch", "seq", "heads", None), rules, mesh, q.shape))
@@ -145,10 +129,7 @@ def _layout(q, k, mesh, rules) -> _Layout:
 
 
 def _map(fn, lay: _Layout, operands, in_specs, out_specs):
-  if lay.mesh is None:
-    return fn(*operands)
-  return jax.shard_map(fn, mesh=lay.mesh, in_specs=tuple(in_specs), out_specs=tuple(out_specs),
-                       check_vma=False)(*operands)
+  return common.shard_map_or_call(fn, lay.mesh, operands, in_specs, out_specs)
 
 
 # ----------------------------------------------------------------------------- context parallel
@@ -362,7 +343,7 @@ def chunk_gla(q: jax.Array, k: jax.Array, v: jax.Array, log_g: jax.Array | None 
 
   if impl == "xla":
     return run_reference()
-  platform_kernel = platform_backend()
+  platform_kernel = common.placement_backend(mesh)
   if impl == "auto" and platform_kernel is None:
     return run_reference()
   backend = backend or platform_kernel or "tpu"
@@ -373,7 +354,7 @@ def chunk_gla(q: jax.Array, k: jax.Array, v: jax.Array, log_g: jax.Array | None 
     message = f"chunk_gla: no {backend} kernel for {reason}"
     if impl == "pallas":
       raise ValueError(message)
-    _warn_once(message + "; using the XLA path")
+    common.warn_once(message + "; using the XLA path")
     return run_reference()
   cfg = layout.KernelConfig(backend=backend, chunk_size=chunk_size, sub_chunk=sub_chunk,
                             scale=None if scale is None else float(scale), block_v=block_v,

@@ -24,7 +24,6 @@ with ``psum`` over the mesh axes that split the rows.
 from __future__ import annotations
 
 import dataclasses
-import logging
 from typing import Any, Sequence
 
 import jax
@@ -33,34 +32,14 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxblocks import sharding as S
+from jaxblocks.kernels import common
+from jaxblocks.kernels.common import BACKENDS, IMPLS, KERNEL_DTYPES
 from jaxblocks.kernels.norm import gpu as gpu_kernels
 from jaxblocks.kernels.norm import reference
 from jaxblocks.kernels.norm import tpu as tpu_kernels
 from jaxblocks.kernels.norm.rows import NormSpec
 
-IMPLS = ("auto", "xla", "pallas")
 KINDS = reference.KINDS
-BACKENDS = ("tpu", "gpu")
-KERNEL_DTYPES = (np.dtype(jnp.bfloat16), np.dtype(jnp.float32))
-
-_log = logging.getLogger(__name__)
-_warned: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-  if message not in _warned:
-    _warned.add(message)
-    _log.warning("%s", message)
-
-
-def platform_backend(platform: str | None = None) -> str | None:
-  """Kernel backend for a JAX platform name (default: the default backend), None for CPU."""
-  platform = platform or jax.default_backend()
-  if platform == "tpu":
-    return "tpu"
-  if platform in ("gpu", "cuda", "rocm"):
-    return "gpu"
-  return None
 
 
 # ----------------------------------------------------------------------------- validation
@@ -135,11 +114,7 @@ def _default_logical_axes(ndim: int) -> tuple[str | None, ...]:
 
 
 def _layout(x, mesh, rules, logical_axes) -> _Layout:
-  if mesh is None:
-    active = S.active()
-    if active is not None:
-      mesh, active_rules = active
-      rules = rules if rules is not None else active_rules
+  mesh, rules = common.resolve_mesh(mesh, rules)
   if mesh is None or mesh.size == 1:
     return _Layout(None, (), ())
   axes = tuple(logical_axes) if logical_axes is not None else _default_logical_axes(x.ndim)
@@ -154,10 +129,7 @@ def _layout(x, mesh, rules, logical_axes) -> _Layout:
 
 
 def _map(fn, layout: _Layout, operands, in_specs, out_specs):
-  if layout.mesh is None:
-    return fn(*operands)
-  return jax.shard_map(fn, mesh=layout.mesh, in_specs=tuple(in_specs),
-                       out_specs=tuple(out_specs), check_vma=False)(*operands)
+  return common.shard_map_or_call(fn, layout.mesh, operands, in_specs, out_specs)
 
 
 # ----------------------------------------------------------------------------- kernel path
@@ -340,15 +312,6 @@ def norm(x: jax.Array, weight: jax.Array | None = None, bias: jax.Array | None =
                    returns_residual=False)
 
 
-def _placement_platform(mesh: Mesh | None) -> str | None:
-  """Platform of the devices the computation is placed on (the given or active mesh), so that a
-  program compiled ahead of time for a TPU topology on a CPU host gets the TPU kernel."""
-  if mesh is None:
-    active = S.active()
-    mesh = active[0] if active is not None else None
-  return None if mesh is None else mesh.devices.flat[0].platform
-
-
 def _dispatch(x, residual, weight, bias, gate, *, kind, eps, scale_offset, residual_dtype, impl,
               backend, interpret, block_rows, mesh, rules, logical_axes, returns_residual):
   _check_inputs(x, residual, weight, bias, gate, kind, eps, impl, backend)
@@ -366,7 +329,7 @@ def _dispatch(x, residual, weight, bias, gate, *, kind, eps, scale_offset, resid
 
   if impl == "xla":
     return run_reference()
-  platform_kernel = platform_backend(_placement_platform(mesh))
+  platform_kernel = common.placement_backend(mesh)
   if impl == "auto" and platform_kernel is None:
     return run_reference()
   backend = backend or platform_kernel or "tpu"
@@ -383,7 +346,7 @@ def _dispatch(x, residual, weight, bias, gate, *, kind, eps, scale_offset, resid
     message = f"fused norm: no {backend} kernel for {reason}"
     if impl == "pallas":
       raise ValueError(message)
-    _warn_once(message + "; using the XLA path")
+    common.warn_once(message + "; using the XLA path")
     return run_reference()
   to_f32 = lambda v: None if v is None else v.astype(jnp.float32)
   w32 = None if weight is None else scale_offset + weight.astype(jnp.float32)
