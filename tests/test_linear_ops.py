@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 
 from jaxblocks.attention import linear_ops as L
 
-SETTINGS = settings(max_examples=10, deadline=None, derandomize=True)
+SETTINGS = settings(max_examples=6, deadline=None, derandomize=True)
 # Unoptimised XLA compiles: these tests compile many small programs and run each once.
 fast_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0,
                                                        "xla_llvm_disable_expensive_passes": True})

@@ -28,5 +28,9 @@ def compile_cli(args, timeout=600) -> subprocess.CompletedProcess:
   env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
   env["JAX_PLATFORMS"] = "cpu"
   env.pop("XLA_FLAGS", None)
+  if "--devices" in args:  # simulated CPU devices: skip XLA's expensive LLVM passes (TPU
+    # compiles keep the default options); jaxblocks-compile adds the device count itself.
+    env["XLA_FLAGS"] = ("--xla_backend_optimization_level=0 "
+                        "--xla_llvm_disable_expensive_passes=true")
   return subprocess.run([sys.executable, "-m", "train.compile", *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=timeout)
