@@ -120,14 +120,18 @@ def mlp_specs(cfg: "ModelConfig"):
   return mlp_lib.specs(cfg.d_model, cfg.mlp, cfg.init_std)
 
 
-def attention_sublayer(params, h_btd, cfg: "ModelConfig", ctx: Context, attn_kind: str, cache):
+def attention_sublayer(params, h_btd, cfg: "ModelConfig", ctx: Context, attn_kind: str, cache,
+                       input_scale_bt1=None):
+  """``input_scale_bt1``: deferred normalisation of ``h`` (see ``NormConfig.deferred``)."""
+  if input_scale_bt1 is not None:
+    ctx = ctx.replace(extras={**ctx.extras, "input_scale": input_scale_bt1})
   y, new_cache = attn_base.get(attn_kind).apply(params, h_btd, cfg.attention, ctx, cache)
   y = checkpoint_name(y, "attn_out")
   return sharding.constrain(y, ("batch", "seq", "embed")), new_cache
 
 
-def mlp_sublayer(params, h_btd, cfg: "ModelConfig"):
-  y = checkpoint_name(mlp_lib.apply(params, h_btd, cfg.mlp), "mlp_out")
+def mlp_sublayer(params, h_btd, cfg: "ModelConfig", input_scale_bt1=None):
+  y = checkpoint_name(mlp_lib.apply(params, h_btd, cfg.mlp, input_scale_bt1), "mlp_out")
   return sharding.constrain(y, ("batch", "seq", "embed"))
 
 
@@ -192,12 +196,21 @@ def _pre_specs(cfg, attn_kind):
   }
 
 
+def input_norm(params, slot: str, x, cfg: "ModelConfig", ctx: Context):
+  """A sublayer-input norm (with LayerNorm Scaling): ``(h, input_scale)``. With deferred
+  normalisation ``h`` is the raw (scaled) stream and ``input_scale = 1/RMS(x)`` is applied by the
+  sublayer after its projections; otherwise ``input_scale`` is None."""
+  if cfg.norm.deferred:
+    return ln_scale(x, cfg, ctx), norms.inv_rms(x, cfg.norm.eps)
+  return ln_scale(block_norm(params, slot, x, cfg, ctx), cfg, ctx), None
+
+
 def _pre_apply(params, x, cfg, ctx, attn_kind, cache):
-  h = ln_scale(block_norm(params, "attn_norm", x, cfg, ctx), cfg, ctx)
-  a, new_cache = attention_sublayer(params["attn"], h, cfg, ctx, attn_kind, cache)
+  h, s = input_norm(params, "attn_norm", x, cfg, ctx)
+  a, new_cache = attention_sublayer(params["attn"], h, cfg, ctx, attn_kind, cache, s)
   x = x + a
-  h = ln_scale(block_norm(params, "mlp_norm", x, cfg, ctx), cfg, ctx)
-  x = x + mlp_sublayer(params["mlp"], h, cfg)
+  h, s = input_norm(params, "mlp_norm", x, cfg, ctx)
+  x = x + mlp_sublayer(params["mlp"], h, cfg, s)
   return x, new_cache
 
 
@@ -334,11 +347,11 @@ def _parallel_specs(cfg, attn_kind):
 
 
 def _parallel_apply(params, x, cfg, ctx, attn_kind, cache):
-  h_attn = ln_scale(block_norm(params, "attn_norm", x, cfg, ctx), cfg, ctx)
-  h_mlp = h_attn if cfg.block.parallel_shared_norm else ln_scale(
-      block_norm(params, "mlp_norm", x, cfg, ctx), cfg, ctx)
-  a, new_cache = attention_sublayer(params["attn"], h_attn, cfg, ctx, attn_kind, cache)
-  return x + a + mlp_sublayer(params["mlp"], h_mlp, cfg), new_cache
+  h_attn, s_attn = input_norm(params, "attn_norm", x, cfg, ctx)
+  h_mlp, s_mlp = (h_attn, s_attn) if cfg.block.parallel_shared_norm else input_norm(
+      params, "mlp_norm", x, cfg, ctx)
+  a, new_cache = attention_sublayer(params["attn"], h_attn, cfg, ctx, attn_kind, cache, s_attn)
+  return x + a + mlp_sublayer(params["mlp"], h_mlp, cfg, s_mlp), new_cache
 
 
 register("parallel", _parallel_specs, _parallel_apply)

@@ -132,6 +132,14 @@ class ModelConfig:
     self.attention.validate(self.d_model, "model.attention")
     self.mlp.validate("model.mlp")
     self.block.validate("model.block")
+    if self.norm.deferred:
+      if self.block.topology not in ("pre", "parallel"):
+        raise ConfigError("model.norm.deferred", "deferred normalisation applies to sublayer-input "
+                          "norms feeding projections only: topology must be 'pre' or 'parallel', "
+                          f"got '{self.block.topology}'")
+      if set(self.attention_pattern) != {"softmax"} or self.block.embed_norm:
+        raise ConfigError("model.norm.deferred", "deferred normalisation supports softmax "
+                          "attention layers without an embedding norm")
     self.layer_tying.validate(self.n_layers, self.period)
     check_choice("model.position_embedding", self.position_embedding, POSITION_EMBEDDINGS)
     check_choice("model.remat", self.remat, REMAT_POLICIES)

@@ -70,15 +70,25 @@ def specs(d_model: int, cfg: MlpConfig, init_std: float = 0.02, out_std: float |
   return s
 
 
-def apply(params, x_btd: jax.Array, cfg: MlpConfig) -> jax.Array:
-  """``down(act(gate(x)) * up(x))`` for gated kinds, ``down(act(up(x)))`` otherwise."""
+def apply(params, x_btd: jax.Array, cfg: MlpConfig, input_scale_bt1=None) -> jax.Array:
+  """``down(act(gate(x)) * up(x))`` for gated kinds, ``down(act(up(x)))`` otherwise.
+
+  ``input_scale_bt1``: a per-token factor applied to the input projections' outputs (deferred
+  normalisation: ``(x·W)·s = (x·s)·W``); the input projections must then be bias-free."""
   act_name, gated = KINDS[cfg.kind]
   act = ACTIVATIONS[act_name]
   h = jnp.einsum("btd,df->btf", x_btd, params["w_up"])
+  if input_scale_bt1 is not None:
+    if "b_up" in params:
+      raise ValueError("mlp: deferred normalisation needs bias-free input projections "
+                       "(model.mlp.bias=false)")
+    h = (h * input_scale_bt1).astype(x_btd.dtype)
   if "b_up" in params:
     h = h + params["b_up"]
   if gated:
     g = jnp.einsum("btd,df->btf", x_btd, params["w_gate"])
+    if input_scale_bt1 is not None:
+      g = (g * input_scale_bt1).astype(x_btd.dtype)
     if "b_gate" in params:
       g = g + params["b_gate"]
     h = act(g) * h

@@ -37,6 +37,11 @@ class NormConfig:
   out_scale / out_bias: the gain / bias of sublayer-output norms (roles ``attn_out``,
     ``mlp_out``: Peri-LN, OLMo 2); None: as ``scale`` / ``bias``. A Peri-LN model whose input
     norms had their affine folded into the projections (FlashNorm) keeps it on its output norms.
+  deferred: FlashNorm's deferred normalisation for weightless RMSNorm on sublayer inputs
+    (``pre``/``parallel`` topologies, softmax attention): the block projects the raw stream and
+    rescales the projections by ``1/RMS(x)`` (``(x·W)/RMS(x) = (x/RMS(x))·W``), so the matmuls
+    and the mean-square reduction are independent. Bias-free input projections only; see
+    :func:`jaxblocks.tricks.flashnorm.defer_normalization`.
   final_kind: norm kind of the final norm before the head (None: ``kind``, except ``bhyt`` whose
     final norm is a plain ``rmsnorm`` as in the paper).
   alpha_init / alpha_init_attn (dyt): initial ``alpha`` of the non-attention (MLP, final,
@@ -62,6 +67,7 @@ class NormConfig:
   final_kind: str | None = None
   out_scale: bool | None = None
   out_bias: bool | None = None
+  deferred: bool = False
   alpha_init: float | None = None
   alpha_init_attn: float | None = None
   embed_scale: bool | None = None
@@ -86,6 +92,10 @@ class NormConfig:
     for key in ("alpha_init", "alpha_init_attn"):
       if getattr(self, key) is not None:
         check_positive(f"{prefix}.{key}", getattr(self, key))
+    if self.deferred and (self.kind != "rmsnorm" or self.scale or self.bias):
+      raise ConfigError(f"{prefix}.deferred", "deferred normalisation needs a weightless "
+                        f"RMSNorm (kind rmsnorm, scale false, bias false), got kind "
+                        f"'{self.kind}' scale={self.scale} bias={self.bias}")
     for key in ("out_scale", "out_bias"):
       if getattr(self, key) is not None and not isinstance(getattr(self, key), bool):
         raise ConfigError(f"{prefix}.{key}", f"must be true, false or null, got "
@@ -249,6 +259,12 @@ def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
   x32 = x.astype(stat_dtype(x))
   ms = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
   return x32 * jax.lax.rsqrt(ms + eps)
+
+
+def inv_rms(x: jax.Array, eps: float) -> jax.Array:
+  """``1 / sqrt(mean(x²) + eps)`` over the last axis, kept as a size-1 axis (float32 or wider)."""
+  x32 = x.astype(stat_dtype(x))
+  return jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
 
 
 def layer_normalize(x: jax.Array, eps: float) -> jax.Array:

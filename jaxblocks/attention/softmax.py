@@ -138,14 +138,21 @@ def _qk_normalize(x_btnh, scale, mode, eps, offset=0.0):
   return y.astype(x_btnh.dtype)
 
 
-def qkv_before_rope(params, x_btd, cfg: AttentionConfig):
+def qkv_before_rope(params, x_btd, cfg: AttentionConfig, input_scale_bt1=None):
   """Queries, keys and values after projections, biases and QK-norm, before RoPE.
 
   Everything here is a per-token function of ``x`` (what the first-layer precompute tabulates).
+  ``input_scale_bt1`` multiplies the projections (deferred normalisation).
   """
   q = jnp.einsum("btd,dnh->btnh", x_btd, params["wq"])
   k = jnp.einsum("btd,dkh->btkh", x_btd, params["wk"])
   v = jnp.einsum("btd,dkh->btkh", x_btd, params["wv"])
+  if input_scale_bt1 is not None:  # deferred normalisation: (x·W)/RMS(x) = (x/RMS(x))·W
+    if "bq" in params:
+      raise ValueError("softmax attention: deferred normalisation needs bias-free query/key/"
+                       "value projections (model.attention.bias=false)")
+    s = input_scale_bt1[..., None]
+    q, k, v = ((a * s).astype(x_btd.dtype) for a in (q, k, v))
   if "bq" in params:
     q, k, v = q + params["bq"], k + params["bk"], v + params["bv"]
   if cfg.qk_norm != "none":
@@ -220,7 +227,7 @@ def apply(params, x_btd, cfg: AttentionConfig, ctx: Context, cache=None):
   ``ctx.cache_index`` and the queries attend over the whole cache."""
   if x_btd.ndim != 3:
     raise ValueError(f"softmax attention: expected x of shape [batch, time, d], got {x_btd.shape}")
-  q, k, v = qkv_before_rope(params, x_btd, cfg)
+  q, k, v = qkv_before_rope(params, x_btd, cfg, ctx.extras.get("input_scale"))
   o, new_cache = attend_with_cache(q, k, v, cfg, ctx, cache)
   return output_projection(params, o), new_cache
 

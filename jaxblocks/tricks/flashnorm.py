@@ -112,9 +112,37 @@ def deferred_rms_project(x, w, eps: float = 1e-6):
   return (y * inv.reshape(inv.shape + (1,) * (w.ndim - 1))).astype(x.dtype)
 
 
-def check_deferrable(params, cfg: ModelConfig) -> None:
+def defer_normalization(params, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
+  """Switch a weightless-RMSNorm model (after :func:`fold_norm_weights`) to deferred
+  normalisation (``NormConfig.deferred``): every block projects the raw residual stream and
+  rescales by ``1/RMS(x)`` afterwards. Same logits up to floating-point rounding.
+
+  All-zero query/key/value biases are dropped (``model.attention.bias`` becomes false); any
+  non-zero bias on a projection reading a norm, or MLP biases, make deferral impossible and raise
+  :class:`ConversionError`.
+  """
+  what = "flashnorm.defer_normalization"
+  check_deferrable(params, cfg, head=False)  # the final norm is not deferred
+  if set(cfg.attention_pattern) != {"softmax"}:
+    raise ConversionError(f"{what}: supports softmax attention layers only, got "
+                          f"{list(cfg.attention_pattern)}")
+  if cfg.mlp.bias:
+    raise ConversionError(f"{what}: model.mlp.bias=true: the MLP input projections would carry "
+                          "biases; deferral needs bias-free input projections")
+  layers = params["layers"]
+  if cfg.attention.bias:
+    layers = [{**lp, "attn": {k: v for k, v in lp["attn"].items() if k not in ("bq", "bk", "bv")}}
+              for lp in layers]
+  new_cfg = cfg.replace(norm=dataclasses.replace(cfg.norm, deferred=True),
+                        attention=dataclasses.replace(cfg.attention, bias=False))
+  new_cfg.validate()
+  return {**params, "layers": layers}, new_cfg
+
+
+def check_deferrable(params, cfg: ModelConfig, head: bool = True) -> None:
   """Raise :class:`ConversionError` unless every projection reading a norm can defer the
-  normalisation: weightless RMSNorm (fold first) and bias-free input projections and head."""
+  normalisation: weightless RMSNorm (fold first) and bias-free input projections (and head, with
+  ``head``)."""
   what = "flashnorm.check_deferrable"
   if cfg.norm.kind != "rmsnorm" or cfg.norm.scale or cfg.norm.bias:
     raise ConversionError(f"{what}: needs weightless RMSNorms (run fold_norm_weights first), got "
@@ -128,5 +156,5 @@ def check_deferrable(params, cfg: ModelConfig) -> None:
     if biased:
       raise ConversionError(f"{what}: deferral is impossible with biases on the projections "
                             f"reading a norm ((a/r)W + b != (aW + b)/r): {biased}")
-  if "head" in params and "b" in params["head"] and bool(jnp.any(params["head"]["b"] != 0)):
+  if head and "head" in params and "b" in params["head"] and bool(jnp.any(params["head"]["b"] != 0)):
     raise ConversionError(f"{what}: deferral is impossible with a head bias")

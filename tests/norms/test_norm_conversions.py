@@ -11,9 +11,11 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from jaxblocks import model, norms
+from jaxblocks import params as P
 from jaxblocks.attention.base import AttentionConfig
 from jaxblocks.blocks import BlockConfig
 from jaxblocks.config import ModelConfig
+from jaxblocks.errors import ConfigError
 from jaxblocks.mlp import MlpConfig
 from jaxblocks.norms import NormConfig
 from jaxblocks.tricks import flashnorm, prepbn_fold, rmsnorm_conversion
@@ -139,6 +141,53 @@ def test_deferral_checks():
     flashnorm.check_deferrable(p3, c3)
   with pytest.raises(ValueError, match="last dim"):
     flashnorm.deferred_rms_project(jnp.ones((2, 4)), jnp.ones((3, 2)))
+
+
+@settings(max_examples=3, deadline=None)
+@given(small_models(kinds=("rmsnorm",)))
+def test_deferred_normalization_model_is_exact_with_gradients(model_and_seed):
+  cfg, seed = model_and_seed
+  cfg = cfg.replace(norm=dataclasses.replace(cfg.norm, bias=False),
+                    mlp=dataclasses.replace(cfg.mlp, bias=False))
+  with jax.enable_x64(True):
+    params = random_params(cfg, seed)
+    tokens = tokens_for(cfg, seed)
+    p_fold, c_fold = flashnorm.fold_norm_weights(params, cfg)
+    if c_fold.attention.bias:  # only zero biases can be deferred
+      p_fold = jax.tree_util.tree_map_with_path(
+          lambda path, x: jnp.zeros_like(x) if jax.tree_util.keystr(path).endswith(
+              ("['bq']", "['bk']", "['bv']")) else x, p_fold)
+    p_def, c_def = flashnorm.defer_normalization(p_fold, c_fold)
+    assert c_def.norm.deferred and not c_def.attention.bias
+    assert_same_logits(apply_jit(p_fold, tokens, c_fold), apply_jit(p_def, tokens, c_def))
+
+    def loss(p, c):
+      return jnp.mean(jax.nn.log_softmax(model.apply(p, tokens, c))[..., 0])
+
+    g_fold = jax.jit(jax.grad(loss), static_argnums=1)(p_fold, c_fold)
+    g_def = jax.jit(jax.grad(loss), static_argnums=1)(p_def, c_def)
+    for path, g in P.flatten_dict(g_def).items():
+      want = P.flatten_dict(g_fold)[path]
+      np.testing.assert_allclose(g, want, rtol=1e-8, atol=1e-10 * float(np.abs(want).max() + 1),
+                                 err_msg=path)
+
+
+def test_deferred_normalization_preconditions():
+  with pytest.raises(ConfigError, match="model.norm.deferred"):
+    NormConfig(kind="rmsnorm", deferred=True).validate("model.norm")  # still has its gain
+  weightless = NormConfig(kind="rmsnorm", scale=False, deferred=True)
+  with pytest.raises(ConfigError, match="model.norm.deferred"):
+    ModelConfig(vocab_size=24, d_model=8, n_layers=1, attention=AttentionConfig(n_heads=2),
+                norm=weightless, block=BlockConfig(topology="post")).validate()
+  cfg = ModelConfig(vocab_size=24, d_model=8, n_layers=1, attention=AttentionConfig(n_heads=2),
+                    mlp=MlpConfig(bias=True), norm=NormConfig(kind="rmsnorm", scale=False))
+  params = random_params(cfg, 0)
+  with pytest.raises(ConversionError, match="deferral is impossible.*mlp.b_up"):
+    flashnorm.defer_normalization(params, cfg)
+  zero = {"b_up": 0.0, "b_gate": 0.0}
+  params["layers"][0]["mlp"] = {k: v * zero.get(k, 1.0) for k, v in params["layers"][0]["mlp"].items()}
+  with pytest.raises(ConversionError, match="model.mlp.bias"):
+    flashnorm.defer_normalization(params, cfg)
 
 
 def _train_prepbn(cfg, steps):
