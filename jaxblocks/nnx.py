@@ -9,6 +9,11 @@ one built with ``jaxblocks.model`` agree exactly on the same weights.
     from jaxblocks import nnx as jbnnx
     m = jbnnx.Model(cfg, rngs=nnx.Rngs(0))
     logits = m(tokens)
+
+Stateful norms (``repbn``, ``prepbn``) keep their running statistics and the last training step
+as ``nnx.BatchStat`` variables: call with ``training=True`` (optionally ``step=``; by default the
+stored step + 1) to normalise with batch statistics and update them, otherwise the running
+statistics are used.
 """
 
 from __future__ import annotations
@@ -57,14 +62,52 @@ class SpecModule(nnx.Module):
     return jax.tree.map(lambda v: v[...], self.weights, is_leaf=_is_var)
 
 
-class Norm(SpecModule):
-  def __init__(self, d: int, cfg: NormConfig = NormConfig(), *, rngs=None, params=None):
-    cfg.validate()
-    self.cfg = cfg
-    super().__init__(norms_lib.specs(d, cfg), rngs=rngs, params=params)
+def _constant_init(specs):
+  """Values of a spec tree whose initialisers are constants (running statistics, counters)."""
+  return jax.tree.map(lambda s: s.init(jax.random.key(0), s.shape, s.dtype), specs,
+                      is_leaf=P.is_spec)
 
-  def __call__(self, x):
-    return norms_lib.apply(self.pure_params(), x, self.cfg)
+
+def _stats(tree):
+  return nnx.data(jax.tree.map(nnx.BatchStat, tree))
+
+
+def _values(variables):
+  return jax.tree.map(lambda v: v[...], variables, is_leaf=_is_var)
+
+
+def _assign(variables, values) -> None:
+  jax.tree.map(lambda v, a: v.set_value(a), variables, values, is_leaf=_is_var)
+
+
+def _training_step(stored, step):
+  return jnp.asarray(stored + 1 if step is None else step, jnp.int32)
+
+
+class Norm(SpecModule):
+  """One norm over the last axis; stateful kinds hold ``stats`` and ``step`` (``nnx.BatchStat``)."""
+
+  def __init__(self, d: int, cfg: NormConfig = NormConfig(), *, role: str = "mlp", rngs=None,
+               params=None):
+    cfg.validate()
+    self.cfg, self.role = cfg, role
+    super().__init__(norms_lib.specs(d, cfg, role), rngs=rngs, params=params)
+    if cfg.is_stateful:
+      self.stats = _stats(_constant_init(norms_lib.state_specs(d, cfg)))
+      self.step = nnx.BatchStat(jnp.zeros((), jnp.int32))
+
+  def __call__(self, x, *, training: bool = False, step=None, mask=None):
+    """``mask`` (bool, ``x.shape[:-1]``): positions that count in the batch statistics."""
+    if not self.cfg.is_stateful:
+      return norms_lib.apply(self.pure_params(), x, self.cfg.for_role(self.role))
+    step = _training_step(self.step[...], step) if training else self.step[...]
+    y, new = norms_lib.apply_stateful(self.pure_params(), _values(self.stats), x, self.cfg,
+                                      norms_lib.NormContext(training=training, step=step,
+                                                            mask=mask))
+    if training:
+      _assign(self.stats, new)
+      self.step.set_value(step)
+    return y
 
 
 class Mlp(SpecModule):
@@ -110,21 +153,46 @@ class Block(SpecModule):
 
 
 class Model(SpecModule):
-  """The decoder LM of ``jaxblocks.model``."""
+  """The decoder LM of ``jaxblocks.model``; with stateful norms the model state
+  (:func:`jaxblocks.model.init_state`) lives in ``state`` as ``nnx.BatchStat`` variables."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs=None, params=None):
+  def __init__(self, cfg: ModelConfig, *, rngs=None, params=None, state=None):
     cfg.validate()
     self.cfg = cfg
     super().__init__(model_lib.specs(cfg), rngs=rngs, params=params)
+    if cfg.norm.is_stateful:
+      if state is None:
+        state = model_lib.init_state(cfg)
+      else:
+        P.check_tree(state, model_lib.state_specs(cfg), where="Model state")
+      self.state = _stats(state)
 
-  def __call__(self, tokens, positions=None, segment_ids=None):
-    return model_lib.apply(self.pure_params(), tokens, self.cfg, positions=positions,
-                           segment_ids=segment_ids)
+  def model_state(self):
+    """The model state as the plain pytree ``jaxblocks.model`` takes (``{}`` when stateless)."""
+    return _values(self.state) if self.cfg.norm.is_stateful else {}
+
+  def __call__(self, tokens, positions=None, segment_ids=None, *, training: bool = False,
+               step=None):
+    """Logits. ``training`` with stateful norms normalises with batch statistics and updates
+    the running ones (``step`` drives the PRepBN schedule; default: the stored step + 1)."""
+    if not self.cfg.norm.is_stateful:
+      return model_lib.apply(self.pure_params(), tokens, self.cfg, positions=positions,
+                             segment_ids=segment_ids, training=training)
+    state = self.model_state()
+    if not training:
+      return model_lib.apply(self.pure_params(), tokens, self.cfg, positions=positions,
+                             segment_ids=segment_ids, state=state)
+    logits, new_state = model_lib.apply_train(
+        self.pure_params(), state, tokens, self.cfg, step=_training_step(state["step"], step),
+        positions=positions, segment_ids=segment_ids)
+    _assign(self.state, new_state)
+    return logits
 
   def generate(self, prompt, key=None, max_new_tokens: int = 32, temperature: float = 1.0,
                top_k: int | None = None, top_p: float | None = None):
     return model_lib.generate(self.pure_params(), prompt, self.cfg, key, max_new_tokens,
-                              temperature, top_k, top_p)
+                              temperature, top_k, top_p,
+                              state=self.model_state() if self.cfg.norm.is_stateful else None)
 
 
 def _positions(x, positions):

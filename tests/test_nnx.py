@@ -65,3 +65,33 @@ def test_wrapping_wrong_params_fails_clearly():
     jbnnx.Model(cfg, params=params)
   with pytest.raises(ValueError, match="rngs"):
     jbnnx.Norm(8)
+
+
+def test_stateful_norms_keep_batch_stats_like_the_pure_functions():
+  cfg = tiny_config(n_layers=2, norm=jb.NormConfig(kind="prepbn", prepbn_warmup_steps=1,
+                                                    prepbn_decay_steps=2))
+  params = model.init(cfg, jax.random.key(0))
+  m = jbnnx.Model(cfg, params=params)
+  t = tokens()
+  state = model.init_state(cfg)
+  for step in (1, 2, 3):  # the module's default step: stored step + 1
+    want, state = model.apply_train(params, state, t, cfg, step=step)
+    np.testing.assert_array_equal(m(t, training=True), want)
+  chex.assert_trees_all_equal(m.model_state(), state)
+  assert int(m.model_state()["step"]) == 3
+  np.testing.assert_array_equal(m(t), model.apply(params, t, cfg, state=state))  # evaluation
+  chex.assert_trees_all_equal(m.model_state(), state)  # evaluation leaves the state alone
+  # Batch statistics are variables NNX can split off (and checkpoint) apart from the weights.
+  _, batch_stats, _ = nnx.split(m, nnx.BatchStat, ...)
+  assert len(jax.tree.leaves(batch_stats)) == len(jax.tree.leaves(state))
+
+  n = jbnnx.Norm(32, jb.NormConfig(kind="repbn"), rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (2, 5, 32)) * 3.0 + 1.0
+  stats0 = jax.tree.map(lambda v: v[...], n.stats, is_leaf=lambda v: isinstance(v, nnx.Variable))
+  y, new = norms.apply_stateful(n.pure_params(), stats0, x, n.cfg,
+                                norms.NormContext(training=True, step=jnp.int32(1)))
+  np.testing.assert_array_equal(n(x, training=True), y)
+  chex.assert_trees_all_equal(
+      jax.tree.map(lambda v: v[...], n.stats, is_leaf=lambda v: isinstance(v, nnx.Variable)), new)
+  y_eval, _ = norms.apply_stateful(n.pure_params(), new, x, n.cfg, norms.NormContext())
+  np.testing.assert_array_equal(n(x), y_eval)
