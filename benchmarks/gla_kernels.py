@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import time
@@ -33,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxblocks.kernels.gla import api
+from measure import median_seconds, write_json
 
 LARGE = dict(tokens=32768, heads=16, dims=[(128, 256), (128, 128)],
              lengths=[1024, 2048, 4096, 8192, 16384, 32768])
@@ -40,15 +40,7 @@ SMALL = dict(tokens=1024, heads=2, dims=[(32, 64)], lengths=[128, 256, 512])
 
 
 def _time(fn, *args, iters: int) -> float:
-  """Median seconds per call of a jitted function (after compile and warm-up)."""
-  jax.block_until_ready(fn(*args))
-  jax.block_until_ready(fn(*args))
-  samples = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    samples.append(time.perf_counter() - start)
-  return statistics.median(samples)
+  return median_seconds(fn, *args, iters=iters, warmup=2)
 
 
 def _inputs(b, t, h, dk, dv):
@@ -177,11 +169,8 @@ def main():
   result = dict(benchmark="gla_kernels", device=device.device_kind,
                 platform=jax.default_backend(), date=date, jax=jax.__version__, note=note,
                 tokens=sizes["tokens"], rows=rows)
-  os.makedirs(args.out, exist_ok=True)
-  path = os.path.join(args.out, f"gla_kernels_{jax.default_backend()}_{date}.json")
-  with open(path, "w") as f:
-    json.dump(result, f, indent=1)
-  print(f"wrote {path}")
+  write_json(result, os.path.join(args.out, f"gla_kernels_{jax.default_backend()}_{date}.json"),
+             indent=1)
 
 
 if __name__ == "__main__":

@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
 from jaxblocks.kernels.norm import api
+from measure import median_seconds, write_json
 
 LARGE_SHAPES = [(4096, 1024), (4096, 4096), (16384, 2048), (16384, 4096), (32768, 4096),
                 (65536, 4096), (65536, 8192)]
@@ -33,15 +31,7 @@ SMALL_SHAPES = [(512, 256), (1024, 512), (2048, 1024)]
 
 
 def _time(fn, *args, iters: int) -> float:
-  """Median seconds per call of a jitted function (after compile and warm-up)."""
-  jax.block_until_ready(fn(*args))
-  jax.block_until_ready(fn(*args))
-  samples = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    samples.append(time.perf_counter() - start)
-  return statistics.median(samples)
+  return median_seconds(fn, *args, iters=iters, warmup=2)
 
 
 def copy_bandwidth(n_bytes: int, iters: int) -> float:
@@ -164,13 +154,8 @@ def main():
         "bwd = (fwd+bwd) - fwd", flush=True)
   result = run(shapes, args.kinds.split(","), iters, copy_bytes)
   print(f"copy bandwidth {result['copy_bandwidth_GBps']:.1f} GB/s")
-  out = args.out or os.path.join(
-      os.path.dirname(os.path.abspath(__file__)), "results",
-      f"norm_kernels_{result['platform']}_{datetime.date.today().isoformat()}.json")
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  with open(out, "w") as f:
-    json.dump(result, f, indent=2)
-  print(f"wrote {out}")
+  write_json(result, args.out, name=f"norm_kernels_{result['platform']}_"
+             f"{datetime.date.today().isoformat()}.json")
 
 
 if __name__ == "__main__":

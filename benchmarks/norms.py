@@ -15,10 +15,8 @@ three models, is 2/3 of the FLOPs at that depth and would drown the norms); ``--
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import statistics
 import sys
 import time
 
@@ -35,6 +33,7 @@ from jaxblocks.config import ModelConfig  # noqa: E402
 from jaxblocks.mlp import MlpConfig  # noqa: E402
 from jaxblocks.norms import NormConfig  # noqa: E402
 from jaxblocks.tricks import rmsnorm_conversion  # noqa: E402
+from measure import median_seconds, write_json  # noqa: E402
 
 
 def gpt2_small(n_layers: int, seq: int) -> ModelConfig:
@@ -56,13 +55,7 @@ def random_params(cfg: ModelConfig, seed: int = 0):
 
 
 def time_call(fn, *args, reps: int) -> float:
-  jax.block_until_ready(fn(*args))  # compile + warm up
-  times = []
-  for _ in range(reps):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
+  return median_seconds(fn, *args, iters=reps)
 
 
 def main():
@@ -114,11 +107,7 @@ def main():
                    "vocab": 50257},
          "scope": "full model" if args.with_head else "layer stack (no LM head)",
          "load_average_1min": os.getloadavg()[0], "reps": args.reps, "rows": rows}
-  path = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                  f"norms_{jax.default_backend()}.json")
-  with open(path, "w") as f:
-    json.dump(out, f, indent=1)
-  print(f"wrote {path}")
+  write_json(out, args.out, name=f"norms_{jax.default_backend()}.json", indent=1)
 
 
 if __name__ == "__main__":

@@ -5,10 +5,8 @@
    reports as accessed by one compiled decode step and the parameter bytes. Ratios come from the
    same run. The saving is bounded by ``1/n_layers`` of the per-token weight reads.
 2. SAS-P vs Pre-LN at equal width and depth: parameter count, training throughput (tokens/s after
-   compilation) and mean loss over the last steps of a fixed number of AdamW steps. The trainer
-   package is not used: a minimal optax loop trains on a *synthetic* byte corpus generated here
-   (words drawn from a fixed random lexicon by a first-order Markov chain, so the text is
-   learnable but carries no outside content).
+   compilation) and mean loss over the last steps of a fixed number of AdamW steps, on the
+   embedded Shakespeare corpus (the trainer's default data) as bytes, with a minimal optax loop.
 
     python benchmarks/tricks.py            # CPU-sized run (< 3 minutes)
 
@@ -19,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
-import statistics
 import time
 
 import jax
@@ -32,24 +28,15 @@ import optax
 import jaxblocks as jb
 from jaxblocks import model
 from jaxblocks.tricks import precompute_first_layer as pfl
+from train.data import sources
+from measure import bytes_accessed, median_seconds, write_json
 
 
 def _time(fn, *args, iters: int) -> float:
-  """Median seconds per call of a jitted function (after compile and warm-up)."""
-  jax.block_until_ready(fn(*args))
-  samples = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    samples.append(time.perf_counter() - start)
-  return statistics.median(samples)
+  return median_seconds(fn, *args, iters=iters)
 
 
-def _bytes_accessed(fn, *args) -> float | None:
-  cost = fn.lower(*args).compile().cost_analysis()
-  if isinstance(cost, list):
-    cost = cost[0] if cost else {}
-  return None if not cost else float(cost.get("bytes accessed", float("nan")))
+_bytes_accessed = bytes_accessed
 
 
 def _nbytes(tree) -> int:
@@ -102,24 +89,17 @@ def precompute_rows(n_layers_list, d_model, vocab, prompt, iters):
 # ----------------------------------------------------------------------------- SAS-P vs Pre-LN
 
 
-def synthetic_corpus(n_bytes: int, seed: int = 0) -> np.ndarray:
-  """Bytes of text from a random 200-word lexicon chained by a sparse Markov matrix."""
-  rng = np.random.default_rng(seed)
-  letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
-  lexicon = ["".join(rng.choice(letters, rng.integers(2, 8))) for _ in range(200)]
-  successors = rng.integers(0, len(lexicon), (len(lexicon), 4))
-  out, word = [], 0
-  total = 0
-  while total < n_bytes:
-    w = lexicon[word] + (". " if rng.random() < 0.1 else " ")
-    out.append(w)
-    total += len(w)
-    word = successors[word, rng.integers(0, 4)]
-  return np.frombuffer("".join(out).encode()[:n_bytes], np.uint8).astype(np.int32)
+def corpus_bytes(n_bytes: int) -> np.ndarray:
+  """The first ``n_bytes`` bytes of the embedded Shakespeare corpus (the trainer's default data),
+  as byte-token ids."""
+  raw = np.frombuffer(sources.embedded_text().encode("utf-8"), np.uint8).astype(np.int32)
+  if raw.size < n_bytes:
+    raise ValueError(f"the embedded corpus has {raw.size} bytes, {n_bytes} needed")
+  return raw[:n_bytes]
 
 
 def train_rows(d_model, n_layers, seq, batch, steps, lr):
-  data = synthetic_corpus(batch * (seq + 1) * (steps + 1))
+  data = corpus_bytes(batch * (seq + 1) * (steps + 1))
   common = dict(vocab_size=256, d_model=d_model, n_layers=n_layers, max_seq_len=seq,
                 mlp=jb.MlpConfig(kind="gelu"), attention=jb.AttentionConfig(n_heads=d_model // 32))
   configs = {
@@ -186,7 +166,7 @@ def main():
           f"{r['bound_1_minus_1_over_n_layers']:>6.3f}")
 
   train = train_rows(d_model=128, n_layers=4, seq=64, batch=8, steps=args.steps, lr=3e-3)
-  print("\nSAS-P vs Pre-LN (synthetic Markov byte corpus)")
+  print("\nSAS-P vs Pre-LN (embedded Shakespeare corpus, byte tokens)")
   print(f"{'model':>7} {'params':>8} {'tok/s':>9} {'loss@end':>9}")
   for r in train:
     print(f"{r['model']:>7} {r['params']:>8} {r['tokens_per_s']:>9.0f} "
@@ -197,11 +177,9 @@ def main():
   date = datetime.date.today().isoformat()
   result = {"benchmark": "tricks", "device": f"{device.platform}:{device.device_kind}",
             "date": date, "precompute_first_layer": pre, "sas_p_vs_pre_ln": train,
-            "note": "CPU run on a shared machine; SAS-P/Pre-LN trained on a synthetic corpus."}
-  path = os.path.join(args.out, f"tricks_{device.platform}_{date}.json")
-  with open(path, "w") as f:
-    json.dump(result, f, indent=2)
-  print(f"\nwrote {path}")
+            "note": "CPU run on a shared machine; SAS-P/Pre-LN trained on the embedded "
+                    "Shakespeare corpus (byte tokens)."}
+  write_json(result, os.path.join(args.out, f"tricks_{device.platform}_{date}.json"))
 
 
 if __name__ == "__main__":

@@ -466,12 +466,7 @@ STREAMS["sas_p"] = StreamHooks(_sas_model_specs, _identity_stream, _identity_str
 
 
 def _skipless_specs(cfg, attn_kind):
-  return {
-      "attn_norm": norm_specs(cfg, "attn"),
-      "attn": attention_specs(cfg, attn_kind),
-      "mlp_norm": norm_specs(cfg, "mlp"),
-      "mlp": mlp_specs(cfg),
-  }
+  return _pre_specs(cfg, attn_kind)  # the same sublayers and norms, wired without skips
 
 
 def _skipless_apply(params, x, cfg, ctx, attn_kind, cache):
