@@ -7,23 +7,26 @@ Layout (read by other tools; keep it stable): an Orbax ``CheckpointManager`` at
 * ``opt_state``   the optax state (``StandardSave``),
 * ``model_state`` non-trainable model state (``StandardSave``; an empty JSON object while the
   model keeps none, since Orbax refuses empty pytrees),
-* ``data``        the grain iterator state of every process,
+* ``data``        the grain iterator state of every data shard (``shard_<s>-of-<n>.json``, written
+  by the process that owns the shard; any process count dividing ``n`` resumes it),
 * ``meta``        JSON: ``step``, ``rng`` (key data) and the resolved config dict.
 
 Saves are asynchronous. Restores take an abstract target carrying the *current* mesh's
 shardings, so a run resumes on a different device count or mesh shape. A latest checkpoint
 that cannot be read (left incomplete or damaged) is skipped with a warning and the previous one
 is used; the damaged one is moved aside to ``<workdir>/checkpoints_damaged/`` (never deleted),
-so the step can be written again and nothing is lost.
+so the step can be written again and nothing is lost. A checkpoint that is intact but does not fit
+the current configuration (another ``data.num_shards``) is an error, never moved aside.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import re
 from typing import Any
 
-import grain.checkpoint as grain_ckpt
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
@@ -77,6 +80,67 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
+class DataLayoutError(ConfigError):
+  """The checkpoint's data iterator state was written for another number of data shards."""
+
+
+_SHARD_FILE = re.compile(r"shard_(\d+)-of-(\d+)\.json")
+
+
+class ShardedDataHandler:
+  """Orbax handler of the trainer's data iterator (``pipeline.ShardedIterator``): every process
+  writes the state of the shards it owns, one JSON file per shard, and restores the shards it
+  owns now from whichever process wrote them."""
+
+  def save(self, directory, args=None, item=None):
+    it = item if item is not None else args.item
+    for shard, state in it.get_state().items():
+      (directory / f"shard_{shard}-of-{it.num_shards}.json").write_text(json.dumps(state))
+
+  def restore(self, directory, args=None, item=None):
+    it = item if item is not None else args.item
+    found = {m.groups() for f in directory.iterdir() if (m := _SHARD_FILE.fullmatch(f.name))}
+    counts = sorted({int(n) for _, n in found})
+    if counts and it.num_shards not in counts:
+      raise DataLayoutError("data.num_shards", f"is {it.num_shards}, but the checkpoint's data "
+                            f"state was written with {counts[0]} shards; resume with "
+                            f"data.num_shards={counts[0]}")
+    state = {}
+    for shard in it.get_state():
+      path = directory / f"shard_{shard}-of-{it.num_shards}.json"
+      if not path.exists():
+        raise ValueError(f"data state file {path.name} is missing")
+      state[shard] = json.loads(path.read_text())
+    it.set_state(state)
+    return it
+
+  def metadata(self, directory):
+    del directory
+    return None
+
+  def finalize(self, directory):
+    pass
+
+  def close(self):
+    pass
+
+  @classmethod
+  def typestr(cls):
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+@ocp.args.register_with_handler(ShardedDataHandler, for_save=True)
+@dataclasses.dataclass
+class DataSave(ocp.args.CheckpointArgs):
+  item: Any
+
+
+@ocp.args.register_with_handler(ShardedDataHandler, for_restore=True)
+@dataclasses.dataclass
+class DataRestore(ocp.args.CheckpointArgs):
+  item: Any
+
+
 def save(mgr: ocp.CheckpointManager, state: dict, data_iterator, meta: dict[str, Any],
          force: bool = False) -> bool:
   """Save ``state`` (params, opt_state, model_state) with the data iterator and ``meta``.
@@ -90,7 +154,7 @@ def save(mgr: ocp.CheckpointManager, state: dict, data_iterator, meta: dict[str,
       params=ocp.args.StandardSave(state["params"]),
       opt_state=ocp.args.StandardSave(state["opt_state"]),
       model_state=_model_state_arg(state["model_state"], restore=False),
-      data=grain_ckpt.CheckpointSave(data_iterator),
+      data=DataSave(data_iterator),
       meta=ocp.args.JsonSave(meta))
   return mgr.save(int(meta["step"]), args=args, force=force)
 
@@ -127,11 +191,15 @@ def restore_latest(mgr: ocp.CheckpointManager, abstract_state: dict, data_iterat
         params=ocp.args.StandardRestore(abstract_state["params"]),
         opt_state=ocp.args.StandardRestore(abstract_state["opt_state"]),
         model_state=_model_state_arg(abstract_state["model_state"], restore=True),
-        data=grain_ckpt.CheckpointRestore(data_iterator),
+        data=DataRestore(data_iterator),
         meta=ocp.args.JsonRestore())
     try:
       restored = mgr.restore(step, args=args)
+    except DataLayoutError:
+      raise
     except Exception as e:  # A damaged checkpoint may fail anywhere inside Orbax/TensorStore.
+      if isinstance(e.__cause__, DataLayoutError) or isinstance(e.__context__, DataLayoutError):
+        raise (e.__cause__ or e.__context__) from None
       moved = _move_aside(mgr, step)
       log.warning("checkpoint at step %d is incomplete or damaged and is skipped; moved to %s "
                   "(%s: %s)", step, moved, type(e).__name__,

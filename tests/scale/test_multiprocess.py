@@ -5,7 +5,6 @@ matches one process reading the same global batches."""
 import socket
 
 import numpy as np
-import pytest
 
 from tests.train.trainer_helpers import final_params, losses, run, saved_steps, start
 
@@ -32,7 +31,6 @@ def _launch(n_processes, devices_each, args, workdir):
   return outs
 
 
-@pytest.mark.slow  # 4 processes on 2 cores; the 2-process test in tests/train runs in CI
 def test_four_processes_train_and_checkpoint_then_two_resume(tmp_path):
   ref, multi = tmp_path / "ref", tmp_path / "multi"
   run([*COMMON, "train.steps=6", f"train.workdir={ref}"])
@@ -49,5 +47,7 @@ def test_four_processes_train_and_checkpoint_then_two_resume(tmp_path):
   step_a, pa = final_params(ref)
   step_b, pb = final_params(multi)
   assert step_a == step_b == 6 and pa.keys() == pb.keys()
+  # Gloo's cross-process reductions sum in another order than one process does; Adam turns a
+  # gradient rounding difference on a near-zero gradient into an update difference of ~1e-5.
   for k in pa:
-    np.testing.assert_allclose(pa[k], pb[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    np.testing.assert_allclose(pa[k], pb[k], rtol=1e-5, atol=5e-5, err_msg=k)

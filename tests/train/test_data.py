@@ -113,3 +113,48 @@ def test_huggingface_tokenizer_file(tmp_path):
 def test_byte_tokenizer_round_trip():
   t = tokenizers.ByteTokenizer()
   assert t.decode(t.encode("Thou art — café")) == "Thou art — café"
+
+
+def test_iterator_state_is_per_shard_and_moves_between_process_counts():
+  cfg = DataConfig(seq_len=16, global_batch_size=8, num_shards=4, prefetch=0)
+  tok = tokenizers.ByteTokenizer()
+  docs, _ = pipeline.split(sources.documents(cfg), cfg.eval_fraction)
+  # Four processes (one shard each) run two steps; their states are merged by shard id.
+  states = {}
+  for p in range(4):
+    it = iter(pipeline.train_dataset(cfg, tok, docs, pipeline.layout(cfg, p, 4)))
+    _batches(it, 2)
+    states.update(it.get_state())
+  assert sorted(states) == ["0", "1", "2", "3"]
+  # One process owning all four shards resumes from them: the same next batch as a run that
+  # never stopped.
+  whole = iter(pipeline.train_dataset(cfg, tok, docs, pipeline.layout(cfg, 0, 1)))
+  expected = _batches(whole, 3)[2]
+  resumed = iter(pipeline.train_dataset(cfg, tok, docs, pipeline.layout(cfg, 0, 1)))
+  resumed.set_state(states)
+  got = next(resumed)
+  for k in expected:
+    np.testing.assert_array_equal(got[k], expected[k])
+  with pytest.raises(ValueError, match="no entry for shards"):
+    resumed.set_state({"0": states["0"]})
+
+
+def test_checkpointed_data_state_names_a_changed_shard_count(tmp_path):
+  from etils import epath
+
+  from train import checkpoint
+  tok = tokenizers.ByteTokenizer()
+  two = DataConfig(seq_len=16, global_batch_size=8, num_shards=2, prefetch=0)
+  docs, _ = pipeline.split(sources.documents(two), two.eval_fraction)
+  it = iter(pipeline.train_dataset(two, tok, docs, pipeline.layout(two, 0, 1)))
+  _batches(it, 1)
+  handler, directory = checkpoint.ShardedDataHandler(), epath.Path(tmp_path)
+  handler.save(directory, checkpoint.DataSave(it))
+  assert sorted(p.name for p in directory.iterdir()) == ["shard_0-of-2.json", "shard_1-of-2.json"]
+  again = iter(pipeline.train_dataset(two, tok, docs, pipeline.layout(two, 0, 1)))
+  handler.restore(directory, checkpoint.DataRestore(again))
+  np.testing.assert_array_equal(next(again)["tokens"], next(it)["tokens"])
+  four = DataConfig(seq_len=16, global_batch_size=8, num_shards=4, prefetch=0)
+  other = iter(pipeline.train_dataset(four, tok, docs, pipeline.layout(four, 0, 1)))
+  with pytest.raises(ConfigError, match="data.num_shards=2"):
+    handler.restore(directory, checkpoint.DataRestore(other))

@@ -84,6 +84,18 @@ def test_damaged_latest_checkpoint_is_skipped(reference, tmp_path, cache):
   _assert_same_params(reference, wd)   # redone from the previous checkpoint, same result
 
 
+def test_changed_shard_count_is_an_error_not_damage(reference, tmp_path, cache):
+  wd = tmp_path / "wd"
+  shutil.copytree(reference, wd)
+  before = saved_steps(wd)
+  args = [a for a in COMMON if not a.startswith("data.num_shards")]
+  p = start([*args, "data.num_shards=4", f"train.steps={STEPS + 2}", f"train.workdir={wd}"],
+            cache_dir=cache)
+  out, _ = p.communicate(timeout=240)
+  assert p.returncode == 2 and "data.num_shards" in out and "Traceback" not in out
+  assert saved_steps(wd) == before and not (wd / "checkpoints_damaged").exists()
+
+
 def test_resume_on_another_device_count(reference, tmp_path, cache):
   run([*COMMON, "train.steps=8", f"train.workdir={tmp_path}"], devices=4, cache_dir=cache)
   out = run([*COMMON, f"train.steps={STEPS}", f"train.workdir={tmp_path}"], devices=2,

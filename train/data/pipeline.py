@@ -7,10 +7,11 @@ Per data shard::
       → concat-then-split packing into rows of seq_len + 1 tokens (segment ids per document)
       → batch(rows per shard)
 
-A process builds the shards it owns (``shard % process_count == process_index``), zips them and
-concatenates their rows, then prefetches in a background thread. Everything is deterministic
-given ``data.shuffle_seed``; ``iterator.get_state()`` / ``set_state()`` (checkpointed through
-Orbax) resume at exactly the next batch. Sharding happens at the document level, so each process
+A process builds the shards it owns (``shard % process_count == process_index``), each
+prefetched in a background thread, and concatenates their rows. Everything is deterministic
+given ``data.shuffle_seed``; ``iterator.get_state()`` / ``set_state()`` keep one state per shard
+(checkpointed through Orbax, one file per shard), so a run resumes at exactly the next batch,
+also with another process count. Sharding happens at the document level, so each process
 reads and tokenizes only its own documents.
 
 A batch is a dict of int32 arrays ``[rows, seq_len + 1]``: ``tokens``, ``segment_ids`` (1, 2, ...
@@ -97,19 +98,61 @@ def _concat_rows(*batches: dict) -> dict:
   return {k: np.concatenate([b[k] for b in batches], axis=0) for k in batches[0]}
 
 
-def train_dataset(cfg: DataConfig, tokenizer, docs: Sequence[str], lay: Layout) -> grain.IterDataset:
+class ShardedIterator:
+  """The batches of this process: one grain iterator per owned data shard, their rows
+  concatenated. ``get_state()`` is ``{shard id: that shard's grain state}``, so a checkpoint can
+  be resumed by any process count that divides ``num_shards`` (each process restores the shards
+  it owns now, whoever wrote them)."""
+
+  def __init__(self, shard_datasets: dict[int, grain.IterDataset], num_shards: int):
+    self.num_shards = num_shards
+    self._iters = {shard: iter(ds) for shard, ds in shard_datasets.items()}
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    rows = [next(it) for it in self._iters.values()]
+    return _with_positions(rows[0] if len(rows) == 1 else _concat_rows(*rows))
+
+  def get_state(self) -> dict[str, dict]:
+    return {str(shard): it.get_state() for shard, it in self._iters.items()}
+
+  def set_state(self, state: dict[str, dict]) -> None:
+    missing = sorted(set(map(str, self._iters)) - set(state))
+    if missing:
+      raise ValueError(f"data iterator state has no entry for shards {missing}")
+    for shard, it in self._iters.items():
+      it.set_state(state[str(shard)])
+
+  def close(self) -> None:
+    for it in self._iters.values():
+      if hasattr(it, "close"):
+        it.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardedDataset:
+  """Iterable over :class:`ShardedIterator` s (each ``iter()`` starts from the beginning)."""
+
+  shards: dict[int, grain.IterDataset]
+  num_shards: int
+
+  def __iter__(self) -> ShardedIterator:
+    return ShardedIterator(self.shards, self.num_shards)
+
+
+def train_dataset(cfg: DataConfig, tokenizer, docs: Sequence[str], lay: Layout) -> ShardedDataset:
   """The endless, shuffled, packed and batched training stream of this process."""
   base = grain.MapDataset.source(docs).shuffle(seed=cfg.shuffle_seed).repeat(None)
-  streams = []
+  shards = {}
   for shard in lay.own_shards:
     ds = _packed(base[shard::lay.num_shards], tokenizer, cfg.seq_len)
-    streams.append(ds.batch(lay.rows_per_shard, drop_remainder=True))
-  ds = streams[0] if len(streams) == 1 else grain_exp.ZipIterDataset(streams).map(
-      lambda rows: _concat_rows(*rows))
-  ds = ds.map(_with_positions)
-  if cfg.prefetch:
-    ds = grain_exp.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=cfg.prefetch)
-  return ds
+    ds = ds.batch(lay.rows_per_shard, drop_remainder=True)
+    if cfg.prefetch:
+      ds = grain_exp.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=cfg.prefetch)
+    shards[shard] = ds
+  return ShardedDataset(shards, lay.num_shards)
 
 
 def eval_batches(cfg: DataConfig, tokenizer, docs: Sequence[str], lay: Layout,
