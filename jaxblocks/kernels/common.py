@@ -63,3 +63,18 @@ def shard_map_or_call(fn, mesh: Mesh | None, operands, in_specs, out_specs):
     return fn(*operands)
   return jax.shard_map(fn, mesh=mesh, in_specs=tuple(in_specs), out_specs=tuple(out_specs),
                        check_vma=False)(*operands)
+
+
+def choose_backend(impl: str, backend: str | None, mesh: Mesh | None, interpret):
+  """``(backend, interpret)`` for a kernel call, or ``(None, None)`` for the XLA path.
+
+  ``impl="xla"`` always takes XLA; ``"auto"`` takes it where the computation is placed on no
+  kernel platform (CPU); otherwise the explicit ``backend``, else the placement's, else TPU.
+  ``interpret=None`` interprets exactly when the chosen backend is not the placement's."""
+  if impl == "xla":
+    return None, None
+  placed = placement_backend(mesh)
+  if impl == "auto" and placed is None:
+    return None, None
+  backend = backend or placed or "tpu"
+  return backend, (placed != backend) if interpret is None else interpret

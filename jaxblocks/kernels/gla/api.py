@@ -341,14 +341,9 @@ def chunk_gla(q: jax.Array, k: jax.Array, v: jax.Array, log_g: jax.Array | None 
                                 chunk_size=chunk_size, sub_chunk=sub_chunk, scale=scale,
                                 segment_ids=segment_ids)
 
-  if impl == "xla":
+  backend, interpret = common.choose_backend(impl, backend, mesh, interpret)
+  if backend is None:
     return run_reference()
-  platform_kernel = common.placement_backend(mesh)
-  if impl == "auto" and platform_kernel is None:
-    return run_reference()
-  backend = backend or platform_kernel or "tpu"
-  if interpret is None:
-    interpret = platform_kernel != backend
   reason = _unsupported_reason(q, k, v, log_g, backend, chunk_size, sub_chunk, block_v)
   if reason is not None:
     message = f"chunk_gla: no {backend} kernel for {reason}"

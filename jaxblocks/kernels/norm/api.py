@@ -327,14 +327,9 @@ def _dispatch(x, residual, weight, bias, gate, *, kind, eps, scale_offset, resid
                                           residual_dtype=residual_dtype)
     return (y, new_res) if returns_residual else y
 
-  if impl == "xla":
+  backend, interpret = common.choose_backend(impl, backend, mesh, interpret)
+  if backend is None:
     return run_reference()
-  platform_kernel = common.placement_backend(mesh)
-  if impl == "auto" and platform_kernel is None:
-    return run_reference()
-  backend = backend or platform_kernel or "tpu"
-  if interpret is None:
-    interpret = platform_kernel != backend
   spec = NormSpec(kind=kind, eps=float(eps), has_residual=residual is not None,
                   has_weight=weight is not None, has_bias=bias is not None,
                   has_gate=gate is not None, x_dtype=np.dtype(x.dtype).name,

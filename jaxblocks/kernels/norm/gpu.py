@@ -70,16 +70,8 @@ def _load_vec(ref, d):
 
 
 def _forward_kernel(*refs, spec: NormSpec, n_rows: int, d: int, block_rows: int):
-  refs = list(refs)
-  x_ref = refs.pop(0)
-  res_ref = refs.pop(0) if spec.has_residual else None
-  w_ref = refs.pop(0) if spec.has_weight else None
-  b_ref = refs.pop(0) if spec.has_bias else None
-  g_ref = refs.pop(0) if spec.has_gate else None
-  y_ref = refs.pop(0)
-  newres_ref = refs.pop(0) if spec.writes_residual else None
-  mean_ref = refs.pop(0) if spec.kind == "layer" else None
-  rstd_ref = refs.pop(0)
+  (x_ref, res_ref, w_ref, b_ref, g_ref, y_ref, newres_ref, mean_ref,
+   rstd_ref) = spec.forward_refs(refs)
 
   rows, idx, row_ok, col_ok, mask = _tile(block_rows, d, pl.program_id(0) * block_rows, n_rows)
   h32 = _load(x_ref, idx, mask)
@@ -119,28 +111,13 @@ def forward(x, residual, weight, bias, gate, spec: NormSpec, *, block_rows: int 
       out_shape=out_shape, compiler_params=_compiler_params(block_rows, d, num_warps),
       interpret=interpret, name=f"fused_{spec.kind}norm_fwd",
   )(*operands))
-  y = outs.pop(0)
-  new_residual = outs.pop(0) if spec.writes_residual else None
-  mean = outs.pop(0) if spec.kind == "layer" else None
-  return y, new_residual, mean, outs.pop(0)
+  return spec.forward_results(outs)
 
 
 def _backward_kernel(*refs, spec: NormSpec, n_rows: int, d: int, block_rows: int,
                      blocks_per_program: int):
-  refs = list(refs)
-  h_ref = refs.pop(0)
-  g_ref = refs.pop(0) if spec.has_gate else None
-  w_ref = refs.pop(0) if spec.has_weight else None
-  b_ref = refs.pop(0) if (spec.has_bias and spec.has_gate) else None
-  mean_ref = refs.pop(0) if spec.kind == "layer" else None
-  rstd_ref = refs.pop(0)
-  dy_ref = refs.pop(0)
-  dr_ref = refs.pop(0) if spec.writes_residual else None
-  dx_ref = refs.pop(0)
-  dres_ref = refs.pop(0) if spec.separate_residual_grad else None
-  dg_ref = refs.pop(0) if spec.has_gate else None
-  dw_ref = refs.pop(0) if spec.has_weight else None
-  db_ref = refs.pop(0) if spec.has_bias else None
+  (h_ref, g_ref, w_ref, b_ref, mean_ref, rstd_ref, dy_ref, dr_ref, dx_ref, dres_ref, dg_ref,
+   dw_ref, db_ref) = spec.backward_refs(refs)
 
   w32 = _load_vec(w_ref, d) if w_ref is not None else None
   b32 = _load_vec(b_ref, d) if b_ref is not None else None
@@ -209,9 +186,7 @@ def backward(h, gate, weight, bias, mean, rstd, dy, dresidual_out, spec: NormSpe
       compiler_params=_compiler_params(block_rows, d, num_warps),
       interpret=interpret, name=f"fused_{spec.kind}norm_bwd",
   )(*operands))
-  dx = outs.pop(0)
-  dres = outs.pop(0) if spec.separate_residual_grad else None
-  dg = outs.pop(0) if spec.has_gate else None
-  dw = jnp.sum(outs.pop(0), axis=0) if spec.has_weight else None
-  db = jnp.sum(outs.pop(0), axis=0) if spec.has_bias else None
+  dx, dres, dg, dw_partial, db_partial = spec.backward_results(outs)
+  dw = None if dw_partial is None else jnp.sum(dw_partial, axis=0)
+  db = None if db_partial is None else jnp.sum(db_partial, axis=0)
   return dx, dres, dg, dw, db

@@ -55,6 +55,43 @@ class NormSpec:
     """Whether ``d residual`` needs its own output (its dtype differs from ``dx``'s)."""
     return self.has_residual and np.dtype(self.residual_in_dtype) != np.dtype(self.x_dtype)
 
+  # The operand and result lists of the kernels: every backend's kernels take and return the
+  # present ones in this order (absent ones are None after unpacking).
+
+  def forward_refs(self, refs):
+    """``(x, residual, weight, bias, gate, y, new_residual, mean, rstd)`` refs of a forward
+    kernel."""
+    return _present(refs, (True, self.has_residual, self.has_weight, self.has_bias,
+                           self.has_gate, True, self.writes_residual, self.kind == "layer", True))
+
+  def forward_results(self, outs):
+    """``(y, new_residual, mean, rstd)`` from the forward ``pallas_call`` results."""
+    return _present(outs, (True, self.writes_residual, self.kind == "layer", True))
+
+  def backward_refs(self, refs):
+    """``(h, gate, weight, bias, mean, rstd, dy, d_new_residual, dx, d_residual, d_gate,
+    d_weight_partial, d_bias_partial)`` refs of a backward kernel (the bias is read only to
+    recompute a gated output)."""
+    return _present(refs, (True, self.has_gate, self.has_weight,
+                           self.has_bias and self.has_gate, self.kind == "layer", True, True,
+                           self.writes_residual, True, self.separate_residual_grad,
+                           self.has_gate, self.has_weight, self.has_bias))
+
+  def backward_results(self, outs):
+    """``(dx, d_residual, d_gate, d_weight_partials, d_bias_partials)`` from the backward
+    ``pallas_call`` results."""
+    return _present(outs, (True, self.separate_residual_grad, self.has_gate, self.has_weight,
+                           self.has_bias))
+
+
+def _present(items, flags):
+  """``items`` (the present entries, in order) spread over ``flags`` with None for absent ones."""
+  items = list(items)
+  if len(items) != sum(flags):
+    raise ValueError(f"norm kernels: {len(items)} operands for a signature of {sum(flags)}")
+  it = iter(items)
+  return tuple(next(it) if flag else None for flag in flags)
+
 
 def _sigmoid(g32):
   return 1.0 / (1.0 + jnp.exp(-g32))

@@ -97,16 +97,8 @@ def _partial_spec(d):
 
 
 def _forward_kernel(*refs, spec: NormSpec, n_cols: int):
-  refs = list(refs)
-  x_ref = refs.pop(0)
-  res_ref = refs.pop(0) if spec.has_residual else None
-  w_ref = refs.pop(0) if spec.has_weight else None
-  b_ref = refs.pop(0) if spec.has_bias else None
-  g_ref = refs.pop(0) if spec.has_gate else None
-  y_ref = refs.pop(0)
-  newres_ref = refs.pop(0) if spec.writes_residual else None
-  mean_ref = refs.pop(0) if spec.kind == "layer" else None
-  rstd_ref = refs.pop(0)
+  (x_ref, res_ref, w_ref, b_ref, g_ref, y_ref, newres_ref, mean_ref,
+   rstd_ref) = spec.forward_refs(refs)
 
   h32 = x_ref[...].astype(jnp.float32)
   if res_ref is not None:
@@ -157,27 +149,12 @@ def forward(x, residual, weight, bias, gate, spec: NormSpec, *, block_rows: int,
       name=f"fused_{spec.kind}norm_fwd",
   )(*operands)
   outs = list(outs)
-  y = outs.pop(0)
-  new_residual = outs.pop(0) if spec.writes_residual else None
-  mean = outs.pop(0) if spec.kind == "layer" else None
-  return y, new_residual, mean, outs.pop(0)
+  return spec.forward_results(outs)
 
 
 def _backward_kernel(*refs, spec: NormSpec, n_cols: int, n_rows: int, block_rows: int):
-  refs = list(refs)
-  h_ref = refs.pop(0)
-  g_ref = refs.pop(0) if spec.has_gate else None
-  w_ref = refs.pop(0) if spec.has_weight else None
-  b_ref = refs.pop(0) if (spec.has_bias and spec.has_gate) else None
-  mean_ref = refs.pop(0) if spec.kind == "layer" else None
-  rstd_ref = refs.pop(0)
-  dy_ref = refs.pop(0)
-  dr_ref = refs.pop(0) if spec.writes_residual else None
-  dx_ref = refs.pop(0)
-  dres_ref = refs.pop(0) if spec.separate_residual_grad else None
-  dg_ref = refs.pop(0) if spec.has_gate else None
-  dw_ref = refs.pop(0) if spec.has_weight else None
-  db_ref = refs.pop(0) if spec.has_bias else None
+  (h_ref, g_ref, w_ref, b_ref, mean_ref, rstd_ref, dy_ref, dr_ref, dx_ref, dres_ref, dg_ref,
+   dw_ref, db_ref) = spec.backward_refs(refs)
 
   h32 = h_ref[...].astype(jnp.float32)
   g32 = g_ref[...].astype(jnp.float32) if g_ref is not None else None
@@ -246,9 +223,7 @@ def backward(h, gate, weight, bias, mean, rstd, dy, dresidual_out, spec: NormSpe
       compiler_params=_compiler_params(), interpret=interpret,
       name=f"fused_{spec.kind}norm_bwd",
   )(*operands))
-  dx = outs.pop(0)
-  dres = outs.pop(0) if spec.separate_residual_grad else None
-  dg = outs.pop(0) if spec.has_gate else None
-  dw = jnp.sum(outs.pop(0), axis=(0, 1)) if spec.has_weight else None
-  db = jnp.sum(outs.pop(0), axis=(0, 1)) if spec.has_bias else None
+  dx, dres, dg, dw_partial, db_partial = spec.backward_results(outs)
+  dw = None if dw_partial is None else jnp.sum(dw_partial, axis=(0, 1))
+  db = None if db_partial is None else jnp.sum(db_partial, axis=(0, 1))
   return dx, dres, dg, dw, db
