@@ -11,6 +11,7 @@ import jaxblocks as jb
 from jaxblocks.attention import linear_ops
 from jaxblocks.errors import ConfigError
 from jaxblocks.kernels.gla import api
+from tests.helpers import cuda_export_target
 
 
 def _grad_fn(backend, gate, packed):
@@ -40,10 +41,11 @@ def test_tpu_lowering(gate, packed):
 
 def test_gpu_lowering_to_triton():
   """Pallas → Triton lowering for CUDA (export needs no GPU); Mosaic GPU is not used."""
-  exported = jax.export.export(
-      jax.jit(_grad_fn("gpu", "key", True)), platforms=["cuda"],
-      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-  )(*_operands("key", kd=96, vd=200))
+  with cuda_export_target():
+    exported = jax.export.export(
+        jax.jit(_grad_fn("gpu", "key", True)), platforms=["cuda"],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+    )(*_operands("key", kd=96, vd=200))
   text = exported.mlir_module()
   assert text.count("__gpu$xla.gpu.triton") >= 3
   assert "mosaic_gpu" not in text

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from jaxblocks.kernels.norm import api
+from tests.helpers import cuda_export_target
 
 CASES = [("rms", jnp.bfloat16, 1000, False, False), ("layer", jnp.float32, 200, True, True)]
 
@@ -39,10 +40,11 @@ def test_tpu_lowering(kind, dtype, d, gate, bias):
 def test_gpu_lowering_to_triton(kind, dtype, d, gate, bias):
   """Pallas → Triton lowering for CUDA (export needs no GPU); Mosaic GPU is not used."""
   f = _value_and_grads(kind, gate, bias, "gpu")
-  exported = jax.export.export(
-      jax.jit(f), platforms=["cuda"],
-      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-  )(*_operands(dtype, d))
+  with cuda_export_target():
+    exported = jax.export.export(
+        jax.jit(f), platforms=["cuda"],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+    )(*_operands(dtype, d))
   text = exported.mlir_module()
   assert text.count("__gpu$xla.gpu.triton") >= 2
   assert "mosaic_gpu" not in text
